@@ -1,0 +1,77 @@
+"""The `conceptlens` command: one subcommand per offline or online job.
+
+Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`; modules are
+imported only when their command runs, so `conceptlens --help` stays fast. User errors (our domain errors,
+bad paths) print one line and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from conceptlens.handlers.errors import ConceptLensError
+
+# command -> (module, one-line help). Nested groups ("data shapes") use a dict of their own.
+COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
+    "data": {
+        "shapes": ("conceptlens.training.data.cli", "generate the ShapesWorld concept dataset in Broden layout"),
+    },
+    "train": ("conceptlens.training.cli_train", "train a classifier (standard, adversarial or consistent loss)"),
+    "evaluate": ("conceptlens.training.cli_evaluate", "clean and robust accuracy of a run or bundle"),
+    "dissect": ("conceptlens.training.cli_dissect", "label every unit with a concept; consistency metrics"),
+    "export": ("conceptlens.training.cli_export", "write a servable bundle (ONNX + safetensors + manifest)"),
+    "experiment": {
+        "paper": ("conceptlens.training.cli_experiment", "reproduce the paper's comparison on ShapesWorld"),
+    },
+    "serve": ("conceptlens.server.cli", "start the gRPC predict-and-explain service"),
+}
+
+
+def _add(sub: argparse._SubParsersAction, name: str, target: tuple[str, str] | dict, path: str) -> None:
+    if isinstance(target, dict):
+        group = sub.add_parser(name, help=f"{name} commands: {', '.join(target)}")
+        inner = group.add_subparsers(dest=f"{path}_{name}", metavar="COMMAND", required=True)
+        for child, child_target in target.items():
+            _add(inner, child, child_target, f"{path}_{name}")
+        return
+    module_name, help_text = target
+    parser = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    parser.set_defaults(_module=module_name)
+    try:
+        importlib.import_module(module_name).configure(parser)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        parser.set_defaults(_missing=True)  # command planned but not built in this checkout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conceptlens", description="Train, dissect, export and serve interpretable image classifiers."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, target in COMMANDS.items():
+        _add(sub, name, target, "cmd")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "_missing", False):
+        parser.exit(2, f"conceptlens: error: '{args.command}' is not available in this build\n")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ConceptLensError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"conceptlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"conceptlens {args.command}: interrupted", file=sys.stderr)
+        return 130
