@@ -5,18 +5,39 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 50051
 METRICS_PORT ?= 9090
+MODELS ?= models
+PROTO := proto/conceptlens/v1/conceptlens_service.proto
+STUBS := clients/python/conceptlens_client/v1/conceptlens_service_pb2.py
 
-.PHONY: test serve lint bench default-model clean-venv
+.PHONY: test serve proto lint bench default-model clean-venv
 
 # The environment is made once and remade only when the requirements change.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(MAKE) proto
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e clients/python
 	touch $(STAMP)
 
-test: $(STAMP)
+# gRPC stubs generated from the proto into the client package (git-ignored, never edited). The virtual path
+# makes generated imports read `conceptlens_client.v1...`; wire names stay `conceptlens.v1.*`.
+$(STUBS): $(PROTO) $(STAMP)
+	$(MAKE) proto
+
+proto:
+	mkdir -p clients/python/conceptlens_client/v1
+	$(BIN)/python -m grpc_tools.protoc -Iconceptlens_client/v1=proto/conceptlens/v1 \
+		--python_out=clients/python --grpc_python_out=clients/python --pyi_out=clients/python \
+		conceptlens_client/v1/conceptlens_service.proto
+	touch clients/python/conceptlens_client/v1/__init__.py
+
+# The service on the default model repository (models/<name>/<version>/).
+serve: $(STUBS)
+	$(BIN)/conceptlens serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
