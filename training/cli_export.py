@@ -1,0 +1,91 @@
+"""`conceptlens export`: turn a training run (and optionally its dissection) into a servable bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from conceptlens.handlers.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write a bundle directory (model.onnx, weights.safetensors, manifest.json) from a training run. "
+        "ONNX Runtime and torch outputs are compared before the bundle is published. Place it at "
+        "<models>/<name>/<version> for `conceptlens serve --models <models>`."
+    )
+    parser.add_argument("--run", required=True, type=Path, help="training run directory (holds run.json)")
+    parser.add_argument("--out", required=True, type=Path, help="bundle directory to write, e.g. models/shapes/1")
+    parser.add_argument("--name", help="model name in the manifest (default: the --out parent's name)")
+    parser.add_argument("--version", type=int, help="model version >= 1 (default: --out's name if numeric, else 1)")
+    parser.add_argument("--dissection", type=Path, help="report directory of `conceptlens dissect` (unit labels)")
+    parser.add_argument("--layers", help="comma-separated layers to trace (default: dissected or default layers)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from conceptlens.handlers.bundle import load_bundle
+    from conceptlens.training.export import export_bundle, load_dissection
+
+    run_dir: Path = args.run
+    if not (run_dir / "run.json").is_file():
+        raise InvalidInput("--run", f"{run_dir} is not a training run (no run.json)")
+    name = args.name or args.out.resolve().parent.name
+    version = args.version if args.version is not None else (int(args.out.name) if args.out.name.isdigit() else 1)
+    if version < 1:
+        raise InvalidInput("--version", f"must be >= 1, got {version}")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise InvalidInput("--out", f"{args.out} exists and is not empty (use --overwrite)")
+    dissection = load_dissection(args.dissection) if args.dissection else None
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+
+    from conceptlens.training.run import load_run
+
+    model = load_run(run_dir)
+    run_info = _read_json(run_dir / "run.json")
+    provenance = {"run": str(run_dir.resolve()), "run_info": run_info, "config": _read_json(run_dir / "config.json")}
+    for key in ("lambda", "lam", "epsilon", "eps", "seed", "git_commit"):
+        value = run_info.get(key, provenance["config"].get(key) if provenance["config"] else None)
+        if value is not None:
+            provenance[key] = value
+    out = export_bundle(
+        model, args.out, name=name, version=version, layers=layers, dissection=dissection,
+        metrics=_last_metrics(run_dir / "metrics.jsonl"), provenance=provenance, overwrite=args.overwrite,
+    )
+    bundle = load_bundle(out)  # the check the server will make, made now
+    result = {"bundle": str(out), "name": name, "version": version, "layers": bundle.layer_names,
+              "files": bundle.manifest.files, "onnx_max_abs_error": bundle.manifest.metrics.get("onnx_max_abs_error")}
+    print(json.dumps(result, indent=1) if args.json else f"wrote {name} v{version} to {out} (layers: "
+          f"{', '.join(bundle.layer_names)})")
+    return 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _last_metrics(path: Path) -> dict[str, Any]:
+    """The run's final evaluation: the last metrics.jsonl record (training logs one JSON object per line)."""
+    if not path.is_file():
+        return {}
+    last: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("skipping a bad line in %s", path)
+                continue
+            if isinstance(record, dict):
+                last = record
+    return {"training": last} if last else {}
