@@ -1,0 +1,143 @@
+"""Ghost networks: random erosions of one model, redrawn at every forward pass, and the attack over them.
+
+Li, Bai, Zhou, Xie, Zhang & Yuille, "Learning Transferable Adversarial Examples via Ghost Networks",
+AAAI 2020. Everything is done with forward hooks that live only for one forward pass; the model is never
+rewritten and every hook is removed in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInput
+from .base import Eps, check_eps, check_steps
+from .ensemble import EnsembleAttack
+
+log = logging.getLogger(__name__)
+
+
+def residual_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(block, its last residual BatchNorm) for every block built like torchvision's BasicBlock (bn2) or
+    Bottleneck (bn3), which includes `zoo.ResidualBlock`: same attribute names, out = relu(bn_last + identity)."""
+    found = []
+    for module in model.modules():
+        if not hasattr(module, "downsample"):
+            continue
+        last = getattr(module, "bn3", None) or getattr(module, "bn2", None)
+        if isinstance(last, nn.BatchNorm2d):
+            found.append((module, last))
+    return found
+
+
+class GhostNetwork(nn.Module):
+    """A randomly eroded view of `model`, freshly drawn at every forward pass.
+
+    Skip erosion: each residual block's identity branch is scaled per channel by λ ~ U[1-Λ, 1+Λ]
+    (Λ = `skip_erosion`). For λ > 0, relu(r + λ·i) = λ·relu(r/λ + i), so a hook dividing the block's last BN
+    output by λ and a hook multiplying the block output by λ scale the skip exactly, without touching `forward`.
+    Dropout erosion (`dropout_keep` = p): every conv output is multiplied by Bernoulli(p)/p, in eval mode too.
+    A model without residual blocks and no `dropout_keep` gets dropout erosion with p = 0.99.
+
+    Shapes: like the model, (N,C,H,W) in [0,1] -> (N,K) logits.
+
+    Example::
+
+        ghost = GhostNetwork(model, skip_erosion=0.2)
+        logits = ghost(images)     # a different ghost each call; `model` itself is unchanged
+    """
+
+    def __init__(
+        self, model: nn.Module, skip_erosion: float = 0.2, dropout_keep: float | None = None, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        if not 0 <= skip_erosion < 1:
+            raise InvalidInput("skip_erosion", f"must lie in [0, 1) so every λ stays positive, got {skip_erosion}")
+        if dropout_keep is not None and not 0 < dropout_keep <= 1:
+            raise InvalidInput("dropout_keep", f"must lie in (0, 1], got {dropout_keep}")
+        self.model, self.skip_erosion, self.seed = model, skip_erosion, seed
+        self.blocks = residual_blocks(model) if skip_erosion > 0 else []
+        if not self.blocks and dropout_keep is None:
+            log.info("ghost network: no residual blocks to erode in %s; using dropout erosion", type(model).__name__)
+            dropout_keep = 0.99
+        self.dropout_keep = dropout_keep
+        self._generator: torch.Generator | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.eroded(images.device):
+            return self.model(images)
+
+    def _rand(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if self.seed is not None and (self._generator is None or self._generator.device != like.device):
+            self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
+        return torch.rand(shape, generator=self._generator, device=like.device, dtype=like.dtype)
+
+    @contextmanager
+    def eroded(self, device: torch.device) -> Iterator[None]:
+        """Hooks for one ghost draw; every handle is removed on exit, also when the forward pass raises."""
+        with ExitStack() as stack:
+            for block, last_bn in self.blocks:
+                lam: dict[str, torch.Tensor] = {}
+                hooks = (
+                    block.register_forward_pre_hook(self._draw_skip(lam, last_bn.num_features)),
+                    last_bn.register_forward_hook(lambda _m, _i, out, lam=lam: out / lam["v"]),
+                    block.register_forward_hook(lambda _m, _i, out, lam=lam: out * lam["v"]),
+                )
+                for handle in hooks:
+                    stack.callback(handle.remove)
+            if self.dropout_keep is not None and self.dropout_keep < 1:
+                for module in self.model.modules():
+                    if isinstance(module, nn.Conv2d):
+                        stack.callback(module.register_forward_hook(self._dropout).remove)
+            yield
+
+    def _draw_skip(self, lam: dict[str, torch.Tensor], channels: int) -> Callable:
+        def pre_hook(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            u = self._rand((1, channels, 1, 1), x)
+            lam["v"] = 1 - self.skip_erosion + 2 * self.skip_erosion * u
+
+        return pre_hook
+
+    def _dropout(self, _module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        keep = self.dropout_keep
+        return out * (self._rand(tuple(out.shape), out) < keep).to(out.dtype) / keep
+
+
+class GhostEnsemble(EnsembleAttack):
+    """The ensemble-optimization attack over `members` ghost networks of one model, each redrawn at every step
+    (the paper's longitudinal ensemble, widened by `members`). Success is judged on the unmodified model. L∞.
+
+    Shapes: images (N,C,H,W) in [0,1], labels (N,) int, optional target (N,) int; result.adv (N,C,H,W).
+
+    Example::
+
+        atk = GhostEnsemble(model, eps=8/255, steps=10, members=2, skip_erosion=0.2)
+        result = atk(images, labels)       # examples that transfer better to other models
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: Eps = 8 / 255,
+        alpha: Eps | None = None,
+        steps: int = 10,
+        *,
+        members: int = 2,
+        skip_erosion: float = 0.2,
+        dropout_keep: float | None = None,
+        decay: float = 1.0,
+        targeted: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        check_steps(members, "members")
+        check_eps(eps)
+        ghosts = [
+            GhostNetwork(model, skip_erosion, dropout_keep, None if seed is None else seed + i) for i in range(members)
+        ]
+        super().__init__(ghosts, None, eps, alpha, steps, decay=decay, targeted=targeted)
+        self.model = model  # judge on the real model, attack through its ghosts
