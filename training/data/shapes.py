@@ -75,7 +75,7 @@ class ShapesSample:
     background: np.ndarray  # (H, W, 3) uint8: the background layer alone, before anything was drawn on it
     masks: dict[str, np.ndarray]  # category -> (H, W) int64 global concept ids, 0 = none
     parts: list[DrawnPart] = field(default_factory=list)
-    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # object box x0, y0, x1, y1 in pixels
+    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # tight box of the object's pixels: x0, y0, x1, y1 (exclusive)
 
 
 @lru_cache(maxsize=8)
@@ -234,7 +234,8 @@ def render_sample(seed: int, index: int, size: int = 64) -> ShapesSample:
         "color": _COLOR_CONCEPT[color],
         "texture": np.where(visible_bg, CONCEPT_ID["texture", texture], 0).astype(np.int64),
     }
-    bbox = (int(at.x0), int(at.y0), math.ceil(at.x0 + width), math.ceil(at.y0 + height))
+    ys_obj, xs_obj = np.nonzero(obj)
+    bbox = (int(xs_obj.min()), int(ys_obj.min()), int(xs_obj.max()) + 1, int(ys_obj.max()) + 1)
     return ShapesSample(_PALETTE[color], label, class_name, texture, background, masks, drawn, bbox)
 
 
