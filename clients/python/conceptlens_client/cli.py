@@ -1,0 +1,131 @@
+"""`conceptlens-client`: list models, predict and explain images against a ConceptLens server.
+
+    conceptlens-client models [--server host:port] [--json]
+    conceptlens-client predict IMAGE... [--model M] [--top-k K] [--json]
+    conceptlens-client explain IMAGE... [--model M] [--layers L1,L2] [--heatmap out.png] [--json]
+
+Errors print one line and exit 2 (bad arguments or a refused call) or 1 (server unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+from PIL import Image
+
+from .client import Client, ServiceError
+from .heatmap import heatmap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conceptlens-client",
+                                     description="Call a ConceptLens server: models, predictions, explanations.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default="localhost:50051", help="host:port (default localhost:50051)")
+    common.add_argument("--json", action="store_true", help="print the response as JSON")
+    common.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    common.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    common.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate (enables TLS)")
+    common.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    common.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("models", parents=[common], help="list served models")
+    for name, text in (("predict", "classify images"), ("explain", "classify images and trace the units behind it")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
+        p.add_argument("--model", default="", help="model name (default: the only or first served model)")
+        p.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+        p.add_argument("--top-k", type=int, default=0, help="classes per image (default 5)")
+        if name == "explain":
+            p.add_argument("--layers", default="", help="comma-separated layers (default: the deepest)")
+            p.add_argument("--units", type=int, default=0, help="top units per layer (default 5)")
+            p.add_argument("--target", default="", help="class to explain (default: the top prediction)")
+            p.add_argument("--depth", type=int, default=0, help="multi-layer link depth (default 1)")
+            p.add_argument("--heatmap", type=Path, help="write top units' maps over the image to this PNG "
+                           "(one file per image: out.png, out_1.png, ...)")
+    return parser
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    ca = args.tls_ca.read_bytes() if args.tls_ca else None
+    key = args.tls_key.read_bytes() if args.tls_key else None
+    cert = args.tls_cert.read_bytes() if args.tls_cert else None
+    return Client(args.server, token=token, root_certificates=ca, private_key=key, certificate_chain=cert,
+                  timeout=args.timeout)
+
+
+def _model(client: Client, name: str) -> str:
+    if name:
+        return name
+    models = client.models()
+    if not models:
+        raise ServiceError("NOT_FOUND", "the server serves no models")
+    return models[0].model
+
+
+def _heatmap_path(base: Path, i: int) -> Path:
+    return base if i == 0 else base.with_name(f"{base.stem}_{i}{base.suffix}")
+
+
+def run(args: argparse.Namespace) -> int:
+    for image in getattr(args, "images", []):
+        if not image.is_file():
+            raise FileNotFoundError(f"no such image: {image}")
+    with _client(args) as client:
+        if args.command == "models":
+            models = client.models()
+            if args.json:
+                print(json.dumps([MessageToDict(m) for m in models], indent=1))
+            for m in [] if args.json else models:
+                layers = ", ".join(f"{layer.name}({layer.units})" for layer in m.layers)
+                print(f"{m.model} v{m.version} {m.architecture} {len(m.classes)} classes; layers {layers}")
+            return 0
+        model = _model(client, args.model)
+        if args.command == "predict":
+            response = client.predict(args.images, model, version=args.version, top_k=args.top_k)
+            if args.json:
+                print(json.dumps(MessageToDict(response), indent=1))
+                return 0
+            for path, pred in zip(args.images, response.predictions, strict=True):
+                best = ", ".join(f"{c.label} {c.probability:.2f}" for c in pred.classes)
+                print(f"{path}: {best}")
+            return 0
+        layers = [s for s in args.layers.split(",") if s]
+        want_maps = args.heatmap is not None
+        response = client.explain(args.images, model, version=args.version, top_k_classes=args.top_k,
+                                  top_k_units=args.units, layers=layers, target_class=args.target,
+                                  depth=args.depth, include_maps=want_maps)
+        for i, (path, exp) in enumerate(zip(args.images, response.explanations, strict=True)):
+            if want_maps:
+                units = exp.trace.layers[-1].units
+                heatmap(Image.open(path), units, exp.trace.summary, _heatmap_path(args.heatmap, i))
+            if not args.json:
+                flag = " [ADVERSARIAL?]" if exp.trace.adversarial else ""
+                plaus = f" plausibility {exp.trace.plausibility:.2f}" if exp.trace.HasField("plausibility") else ""
+                print(f"{path}: {exp.trace.summary}{plaus}{flag}")
+        if args.json:
+            print(json.dumps(MessageToDict(response), indent=1))
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ServiceError as err:
+        print(f"conceptlens-client {args.command}: error: {err}", file=sys.stderr)
+        return 1 if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else 2
+    except (OSError, ValueError, TypeError) as err:
+        print(f"conceptlens-client {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

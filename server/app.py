@@ -1,0 +1,155 @@
+"""Assemble and run the server: grpc.aio with the ConceptLens servicer, standard health (overall, the service,
+and one entry per model: `models/<name>`), server reflection, TLS / mTLS, interceptors, Prometheus exposition,
+repository polling, and a graceful stop: SIGTERM flips health to NOT_SERVING, refuses new calls, lets in-flight
+calls finish within `grace_s`, then returns so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .interceptors import MetricsInterceptor, TokenAuthInterceptor
+from .metrics import Metrics
+from .repository import ModelRepository
+from .runners import Runners
+from .servicer import ConceptLensServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConceptLens"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name of one model."""
+    return f"models/{model}"
+
+
+class ConceptLensServer:
+    """One server. `await start()` binds (port 0 picks a free port: read `.port`), `await stop()` drains."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.repository = ModelRepository(config.models, self.metrics, threads=config.threads,
+                                          verify_onnx=config.verify_onnx)
+        self.health = health.aio.HealthServicer()
+        self.servicer = ConceptLensServicer(config, self.repository,
+                                            Runners(self.metrics, config.plausibility_threshold), self.metrics)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._http = None
+        self._poller: asyncio.Task | None = None
+        self._health_names: set[str] = set()
+
+    async def start(self) -> int:
+        cfg = self.config
+        await self.repository.refresh()
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics, self.repository.names)]
+        if cfg.token:
+            interceptors.append(TokenAuthInterceptor(cfg.token))
+        limit = cfg.limits.max_message_bytes
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_ConceptLensServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls:
+            self.port = server.add_secure_port(address, _credentials(cfg))
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        self._server = server
+        await self._sync_health()
+        if cfg.metrics_port is not None:
+            self._http = self.metrics.serve_http(cfg.metrics_port)
+            self.metrics_port = self._http.server_port
+        if cfg.poll_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll(cfg.poll_interval_s), name="repository-poll")
+        log.info("serving %s on %s (port %d, %s), models: %s; metrics port %s", SERVICE_NAME, cfg.host, self.port,
+                 "TLS" + (" + client certificates" if cfg.tls_client_ca else "") if cfg.tls else "plaintext",
+                 ", ".join(self.repository.names()) or "none yet", self.metrics_port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within `grace` seconds, release everything."""
+        grace = self.config.grace_s if grace is None else grace
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.servicer.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        log.info("stopped")
+
+    async def refresh(self) -> bool:
+        """Rescan the repository now (the poller does this every `poll_interval_s`)."""
+        changed = await self.repository.refresh()
+        if changed:
+            await self._sync_health()
+        return changed
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("repository refresh failed; keeping the models already loaded")
+
+    async def _sync_health(self) -> None:
+        names = {model_health_name(n) for n in self.repository.names()}
+        for gone in self._health_names - names:
+            await self.health.set(gone, NOT_SERVING)
+        for name in names:
+            await self.health.set(name, SERVING)
+        self._health_names = names
+        overall = SERVING if names else NOT_SERVING
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
+
+
+def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    key = cfg.tls_key.read_bytes()
+    cert = cfg.tls_cert.read_bytes()
+    ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then stop gracefully. Returns the exit code (0)."""
+    server = ConceptLensServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"conceptlens serve: listening on port {server.port}", flush=True)  # result line for scripts and tests
+    await stop.wait()
+    log.info("signal received: draining (grace %.1fs)", config.grace_s)
+    await server.stop()
+    return 0

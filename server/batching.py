@@ -1,0 +1,150 @@
+"""Dynamic batching: one bounded queue per (model, method), drained by worker tasks that run the model off the
+event loop (a blocking call inside a `grpc.aio` handler would stall every other call).
+
+A batch closes when it holds `max_batch` images or when its oldest request has waited `max_delay_s`, whichever
+comes first (Triton's dynamic batcher). A request with more images than `max_batch` runs as a batch of its own.
+Requests whose deadline passed while queued are failed with DeadlineExpired without running; requests whose
+caller went away (cancelled futures) are skipped. A full queue refuses new work at once with QueueFull.
+Each batcher owns its executor, so a slow method (Probe) cannot take the threads of a fast one (Predict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from conceptlens.handlers.errors import QueueFull
+
+from .config import BatchConfig
+from .errors import DeadlineExpired
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")  # one request's payload
+R = TypeVar("R")  # one request's result
+# fn(key, payloads) -> one result per payload, in order. Runs on an executor thread. `key` groups requests that
+# may share a batch (the model runtime they resolved to: versions never mix).
+BatchFn = Callable[[Any, Sequence[P]], Sequence[R]]
+
+
+@dataclass
+class _Item(Generic[P]):
+    key: Any
+    payload: P
+    size: int
+    deadline: float | None  # time.monotonic() seconds; None = no deadline
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[P, R]):
+    """The queue and workers of one (model, method)."""
+
+    def __init__(self, model: str, method: str, fn: BatchFn, config: BatchConfig, metrics: Metrics) -> None:
+        self.model, self.method, self.fn, self.config, self.metrics = model, method, fn, config, metrics
+        self._items: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix=f"{method}-{model}")
+        self._workers = [asyncio.create_task(self._work(), name=f"batcher-{method}-{model}-{i}")
+                         for i in range(config.workers)]
+        self._depth = metrics.queue_depth.labels(model, method)
+
+    async def submit(self, key: Any, payload: P, size: int, deadline: float | None = None) -> R:
+        """Queue one request and wait for its result. Cancelling the awaiting task withdraws the request."""
+        if len(self._items) >= self.config.queue_size:
+            self.metrics.rejected.labels(self.model, self.method, "queue_full").inc()
+            raise QueueFull(f"{self.method} queue for model {self.model!r} is full "
+                            f"({self.config.queue_size} waiting); retry later")
+        future = asyncio.get_running_loop().create_future()
+        self._items.append(_Item(key, payload, size, deadline, future))
+        self._depth.set(len(self._items))
+        self._wakeup.set()
+        try:
+            return await future
+        finally:
+            if not future.done():
+                future.cancel()  # the caller went away: the worker skips it
+
+    async def close(self) -> None:
+        """Stop the workers; queued requests fail with QueueFull-free cancellation."""
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while self._items:
+            item = self._items.popleft()
+            if not item.future.done():
+                item.future.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _next_batch(self) -> list[_Item]:
+        while not self._items:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        first = self._items.popleft()
+        batch, images = [first], first.size
+        close_at = first.enqueued + self.config.max_delay_s
+        while images < self.config.max_batch:
+            if self._items:
+                if images + self._items[0].size > self.config.max_batch:
+                    break
+                item = self._items.popleft()
+                batch.append(item)
+                images += item.size
+                continue
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        self._depth.set(len(self._items))
+        return batch
+
+    def _live(self, batch: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():  # cancelled by its caller
+                self.metrics.rejected.labels(self.model, self.method, "cancelled").inc()
+            elif item.deadline is not None and now >= item.deadline:
+                self.metrics.rejected.labels(self.model, self.method, "deadline").inc()
+                item.future.set_exception(DeadlineExpired(f"deadline passed after {now - item.enqueued:.3f}s "
+                                                          f"in the {self.method} queue"))
+            else:
+                live.append(item)
+        return live
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._live(await self._next_batch())
+            groups: dict[int, list[_Item]] = {}
+            for item in batch:
+                groups.setdefault(id(item.key), []).append(item)
+            for items in groups.values():
+                self.metrics.batch_size.labels(self.model, self.method).observe(sum(i.size for i in items))
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self.fn, items[0].key, [i.payload for i in items])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # delivered to every caller; the error table decides the code
+                    for item in items:
+                        if not item.future.done():
+                            item.future.set_exception(err)
+                    continue
+                for item, result in zip(items, results, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(result)

@@ -1,0 +1,71 @@
+"""`conceptlens serve`: start the gRPC predict-and-explain service on a model repository."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from conceptlens.handlers.errors import InvalidInput
+
+from .config import ServerConfig
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", required=True, type=Path,
+                        help="model repository: <name>/<numeric version>/ bundle directories (watched for changes)")
+    parser.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM server certificate (enables TLS; needs --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates signed by it (mTLS)")
+    parser.add_argument("--token-file", type=Path,
+                        help="file holding a bearer token every call (except health) must present")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (0 = runtime default)")
+    parser.add_argument("--poll", type=float, default=5.0, help="seconds between repository rescans (0 = never)")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get after SIGTERM")
+    parser.add_argument("--max-batch", type=int, default=32, help="Predict: images per dynamic batch")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0, help="Predict: longest wait to fill a batch")
+    parser.add_argument("--no-verify-onnx", action="store_true", help="skip the ONNX-vs-torch check at load")
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """Validate the arguments (before any work) and build the frozen config."""
+    from dataclasses import replace
+
+    from .config import BatchConfig
+
+    for name in ("port", "metrics_port"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 65535:
+            raise InvalidInput(f"--{name.replace('_', '-')}", f"must be a port number 0..65535, got {value}")
+    if not args.models.is_dir():
+        raise InvalidInput("--models", f"{args.models} is not a directory (create it or export a bundle into it)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise InvalidInput("--tls-cert/--tls-key", "give both or neither")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise InvalidInput("--tls-client-ca", "needs --tls-cert and --tls-key (mTLS is TLS with client certificates)")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise InvalidInput(f"--{name.replace('_', '-')}", f"no such file: {path}")
+    token = args.token_file.read_text().strip() if args.token_file else None
+    if args.token_file and not token:
+        raise InvalidInput("--token-file", f"{args.token_file} is empty")
+    if args.threads < 0 or args.poll < 0 or args.grace < 0 or args.max_batch < 1 or args.max_delay_ms < 0:
+        raise InvalidInput("arguments", "--threads, --poll, --grace, --max-delay-ms must be >= 0, --max-batch >= 1")
+    config = ServerConfig(
+        models=args.models.resolve(), host=args.host, port=args.port, metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
+        threads=args.threads, poll_interval_s=args.poll, grace_s=args.grace, verify_onnx=not args.no_verify_onnx,
+    )
+    return replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    from .app import serve
+
+    return asyncio.run(serve(config))

@@ -1,0 +1,59 @@
+"""The server's configuration: one frozen dataclass, built only by the CLI (`server/cli.py`) and passed in.
+
+Nothing here reads argv or the environment; tests build a `ServerConfig` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Dynamic batching of one method (Triton's per-model knobs): a batch closes when it holds `max_batch`
+    images or when its first request has waited `max_delay_s`; at most `queue_size` requests wait."""
+
+    max_batch: int = 32
+    max_delay_s: float = 0.005
+    queue_size: int = 256
+    workers: int = 1  # batches of this method run concurrently on this many executor threads
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side caps that hold whatever the request asks."""
+
+    max_images: int = 64  # per Predict/Explain request
+    max_probe_images: int = 8  # per Probe request
+    max_pixels: int = 4096 * 4096  # decoded image area; headers claiming more are refused before decoding
+    max_message_bytes: int = 32 * 1024 * 1024  # gRPC receive limit; larger messages get RESOURCE_EXHAUSTED
+    max_candidates: int = 128  # hidden-layer exact re-runs per layer
+    max_probe_steps: int = 200
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `serve` needs. Paths are resolved by the CLI."""
+
+    models: Path
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int | None = None  # None: no HTTP exposition
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mTLS, clients must present a certificate signed by this CA
+    token: str | None = None  # set: every call except health needs `authorization: Bearer <token>`
+    threads: int = 0  # ONNX Runtime intra-op threads per session; 0 = runtime default
+    poll_interval_s: float = 5.0  # hot reload: how often the repository is rescanned; 0 disables
+    grace_s: float = 10.0  # SIGTERM: time in-flight calls get to finish
+    plausibility_threshold: float = 0.5  # below it an explanation is flagged adversarial
+    verify_onnx: bool = True  # check ONNX vs torch outputs when loading a bundle
+    predict: BatchConfig = field(default_factory=BatchConfig)
+    explain: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=16, queue_size=128))
+    probe: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=4, queue_size=16))
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

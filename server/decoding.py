@@ -1,0 +1,97 @@
+"""Turn request images (encoded PNG/JPEG bytes or raw little-endian tensors) into one float32 batch in [0, 1].
+
+No torch here: numpy and Pillow only. Every refusal is an `InvalidInput` naming the field, e.g.
+`images[2].encoded: header claims 20000x20000 pixels, over the 16777216-pixel limit`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image as PILImage
+
+from conceptlens.handlers.errors import InvalidInput
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+
+_DTYPES = {pb.Tensor.UINT8: np.dtype("<u1"), pb.Tensor.FLOAT32: np.dtype("<f4")}
+_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model takes: (channels, size, size) pixels."""
+
+    size: int
+    channels: int = 3
+
+
+def decode_images(images: Sequence[pb.Image], spec: ImageSpec, *, max_pixels: int) -> np.ndarray:
+    """All request images as one (N, C, size, size) float32 array in [0, 1]."""
+    out = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.float32)
+    for i, image in enumerate(images):
+        field = f"images[{i}]"
+        source = image.WhichOneof("source")
+        if source == "encoded":
+            out[i] = decode_encoded(image.encoded, spec, max_pixels=max_pixels, field=f"{field}.encoded")
+        elif source == "tensor":
+            out[i] = decode_tensor(image.tensor, spec, field=f"{field}.tensor")
+        else:
+            raise InvalidInput(field, "no image given: set `encoded` or `tensor`")
+    return out
+
+
+def decode_encoded(data: bytes, spec: ImageSpec, *, max_pixels: int, field: str) -> np.ndarray:
+    """PNG/JPEG bytes -> (C, size, size) float32. The header's size is checked before any pixel is decoded."""
+    if not data:
+        raise InvalidInput(field, "empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            img = PILImage.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
+        raise InvalidInput(field, f"image too large to decode ({err})") from None
+    except (PILImage.UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InvalidInput(field, "not a decodable PNG or JPEG image") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise InvalidInput(field, f"header claims {width}x{height} pixels, over the {max_pixels}-pixel limit")
+    if width < 1 or height < 1:
+        raise InvalidInput(field, f"image has no pixels ({width}x{height})")
+    try:
+        img.load()
+        rgb = img.convert("RGB") if spec.channels == 3 else img.convert("L")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InvalidInput(field, f"truncated or corrupt image data ({err})") from None
+    if rgb.size != (spec.size, spec.size):
+        rgb = rgb.resize((spec.size, spec.size), PILImage.Resampling.BILINEAR)
+    pixels = np.asarray(rgb, dtype=np.float32) / 255.0
+    return pixels.reshape(spec.size, spec.size, spec.channels).transpose(2, 0, 1)
+
+
+def decode_tensor(tensor: pb.Tensor, spec: ImageSpec, *, field: str) -> np.ndarray:
+    """A raw (C, size, size) tensor -> float32 in [0, 1]. UINT8 is divided by 255; FLOAT32 must be finite and
+    already in [0, 1]."""
+    if tensor.dtype not in _DTYPES:
+        name = pb.Tensor.DType.Name(tensor.dtype) if tensor.dtype in pb.Tensor.DType.values() else tensor.dtype
+        raise InvalidInput(f"{field}.dtype", f"must be UINT8 or FLOAT32, got {name}")
+    expected = (spec.channels, spec.size, spec.size)
+    if tuple(tensor.shape) != expected:
+        got = list(tensor.shape)
+        raise InvalidInput(f"{field}.shape", f"must be {list(expected)} (channels, size, size), got {got}")
+    dtype = _DTYPES[tensor.dtype]
+    want = int(np.prod(expected)) * dtype.itemsize
+    if len(tensor.data) != want:
+        raise InvalidInput(f"{field}.data", f"holds {len(tensor.data)} bytes; shape and dtype need {want}")
+    values = np.frombuffer(tensor.data, dtype=dtype).reshape(expected)
+    if dtype.kind == "u":
+        return values.astype(np.float32) / 255.0
+    if not np.isfinite(values).all():
+        raise InvalidInput(f"{field}.data", "contains NaN or inf")
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidInput(f"{field}.data", f"FLOAT32 pixels must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    return values.astype(np.float32)

@@ -1,0 +1,58 @@
+"""The blocking work behind each method, run by the batchers on executor threads: one ONNX Runtime pass per
+batch, then per-image tracing. Inputs are already decoded and validated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from conceptlens.handlers.backends import ModelRuntime
+from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image
+
+from .jobs import ExplainJob
+from .metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ExplainOutput:
+    logits: np.ndarray  # (n, K)
+    traces: list[TraceResult]
+
+
+class Runners:
+    """Batch functions bound to the server's metrics and settings."""
+
+    def __init__(self, metrics: Metrics, plausibility_threshold: float) -> None:
+        self.metrics = metrics
+        self.threshold = plausibility_threshold
+
+    def _forward(self, runtime: ModelRuntime, images: Sequence[np.ndarray]):
+        batch = np.concatenate(list(images), axis=0)
+        out = runtime.forward(batch)
+        self.metrics.inference.labels(runtime.name, "onnxruntime").observe(out.seconds)
+        return out
+
+    def predict(self, runtime: ModelRuntime, payloads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each payload is one request's images; returns each request's logits."""
+        logits = self._forward(runtime, payloads).logits
+        return np.split(logits, np.cumsum([len(p) for p in payloads])[:-1])
+
+    def explain(self, runtime: ModelRuntime, jobs: Sequence[ExplainJob]) -> list[ExplainOutput]:
+        """One ONNX pass for the whole batch, then each image's trace with its request's options."""
+        out = self._forward(runtime, [job.images for job in jobs])
+        results, start = [], 0
+        for job in jobs:
+            n = len(job.images)
+            options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
+                                   include_maps=job.include_maps, map_size=job.map_size, depth=job.depth,
+                                   candidates=job.candidates)
+            traces = []
+            for i in range(start, start + n):
+                acts = {layer: out.activations[layer][i] for layer in options.layers}
+                traces.append(trace_image(runtime, job.images[i - start], out.logits[i], acts, options,
+                                          plausibility_threshold=self.threshold))
+            results.append(ExplainOutput(out.logits[start : start + n], traces))
+            start += n
+        return results

@@ -1,0 +1,136 @@
+"""The ConceptLens servicer: decode → validate → enqueue → encode. It holds no model logic and imports no
+torch; the batchers run the work (server/runners.py) and server/errors.py turns failures into status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import grpc
+
+from conceptlens.handlers.errors import InvalidInput
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
+
+from . import encoding, errors, validation
+from .batching import Batcher
+from .config import BatchConfig, ServerConfig
+from .decoding import ImageSpec, decode_images
+from .jobs import ExplainJob
+from .metrics import Metrics
+
+if TYPE_CHECKING:  # both import torch through the model runtime; the servicer itself never does
+    from .repository import ModelRepository
+    from .runners import Runners
+
+
+class ConceptLensServicer(pb_grpc.ConceptLensServicer):
+    """One instance per server. Batchers are created per (model, method) on first use."""
+
+    def __init__(self, config: ServerConfig, repository: ModelRepository, runners: Runners,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.repo = repository
+        self.metrics = metrics
+        self.runners = runners
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="decode")
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _batcher(self, model: str, method: str) -> Batcher:
+        key = (model, method)
+        if key not in self._batchers:
+            fn = {"predict": self.runners.predict, "explain": self.runners.explain}[method]
+            cfg: BatchConfig = getattr(self.config, method)
+            self._batchers[key] = Batcher(model, method, fn, cfg, self.metrics)
+        return self._batchers[key]
+
+    async def _images(self, images, runtime, cap: int):
+        validation.image_count(len(images), cap)
+        spec = ImageSpec(runtime.input_size, runtime.channels)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._decoder, lambda: decode_images(images, spec, max_pixels=self.limits.max_pixels))
+
+    # --- methods -------------------------------------------------------------------------------------------
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        try:
+            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            k = validation.top_k(request.top_k, len(runtime.classes), "top_k")
+            images = await self._images(request.images, runtime, self.limits.max_images)
+            logits = await self._batcher(runtime.name, "predict").submit(
+                runtime, images, len(images), _deadline(context))
+            return pb.PredictResponse(model=runtime.name, version=runtime.version,
+                                      predictions=[encoding.prediction(row, runtime.classes, k) for row in logits])
+        except Exception as err:
+            await errors.abort(context, err, "Predict")
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        try:
+            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            classes = runtime.classes
+            k = validation.top_k(request.top_k_classes, len(classes), "top_k_classes")
+            layers = validation.layers(list(request.layers), runtime.layer_order)
+            units = min(runtime.layer(name).units for name in layers)
+            images = await self._images(request.images, runtime, self.limits.max_images)
+            job = ExplainJob(
+                images=images,
+                layers=tuple(layers),
+                top_k_units=validation.top_k(request.top_k_units, units, "top_k_units"),
+                target=validation.target_class(request.target_class, classes),
+                include_maps=request.include_maps,
+                map_size=validation.map_size(request.map_size, runtime.input_size),
+                depth=validation.depth(request.depth, len(layers)),
+                candidates=validation.candidates(request.candidates, self.limits.max_candidates),
+            )
+            out = await self._batcher(runtime.name, "explain").submit(runtime, job, len(images), _deadline(context))
+            explanations = []
+            for row, result in zip(out.logits, out.traces, strict=True):
+                explanations.append(pb.Explanation(prediction=encoding.prediction(row, classes, k),
+                                                   trace=encoding.trace(result, row, classes)))
+                if result.adversarial:
+                    self.metrics.adversarial_flags.labels(runtime.name).inc()
+                for unit in result.layers[-1].units:
+                    if unit.concept:
+                        self.metrics.concept_hit(runtime.name, unit.concept)
+            return pb.ExplainResponse(model=runtime.name, version=runtime.version, explanations=explanations)
+        except Exception as err:
+            await errors.abort(context, err, "Explain")
+
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
+        try:
+            self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            raise InvalidInput("attack", "Probe is not available in this build yet")
+        except Exception as err:
+            await errors.abort(context, err, "Probe")
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        try:
+            offset, size = validation.page(request.page_size, request.page_token)
+            names = self.repo.names()
+            end = len(names) if size == 0 else min(len(names), offset + size)
+            models = [encoding.model(self.repo.resolve(n), self.repo.versions(n)) for n in names[offset:end]]
+            return pb.ListModelsResponse(models=models, next_page_token=str(end) if end < len(names) else "")
+        except Exception as err:
+            await errors.abort(context, err, "ListModels")
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        try:
+            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            return encoding.model(runtime, self.repo.versions(runtime.name))
+        except Exception as err:
+            await errors.abort(context, err, "GetModel")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
