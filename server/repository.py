@@ -3,8 +3,8 @@
 Every version found is validated with `load_bundle` and given a `ModelRuntime`; the highest loaded version is
 the default. `refresh()` rescans: new or changed versions are validated off the event loop and then swapped in
 with one assignment (readers always see a whole snapshot), vanished ones are dropped. A bundle that fails is
-refused with a log line and `conceptlens_model_load_failures_total`, and is retried only when its manifest
-changes; every other model keeps serving.
+refused with a log line and `conceptlens_model_load_failures_total`, and is retried only when its files
+change; every other model keeps serving.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from pathlib import Path
 from types import MappingProxyType
 
 from conceptlens.handlers.backends import ModelRuntime
-from conceptlens.handlers.bundle import MANIFEST, load_bundle
+from conceptlens.handlers.bundle import load_bundle
 from conceptlens.handlers.errors import BundleError, ConceptLensError, UnknownName
 
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Signature = tuple[int, int]  # manifest (mtime_ns, size): a rewritten bundle gets a new one
+Signature = tuple[int, int, int]  # (files, total bytes, newest mtime_ns): changes while a bundle is being copied
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,7 @@ class ModelRepository:
             for version_dir in model_dir.iterdir():
                 if not version_dir.is_dir() or not version_dir.name.isdigit() or int(version_dir.name) < 1:
                     continue  # exporters write into hidden temporary siblings, then rename
-                manifest = version_dir / MANIFEST
-                try:
-                    stat = manifest.stat()
-                    signature = (stat.st_mtime_ns, stat.st_size)
-                except FileNotFoundError:
-                    signature = (0, 0)
-                found[(model_dir.name, int(version_dir.name))] = (version_dir, signature)
+                found[(model_dir.name, int(version_dir.name))] = (version_dir, _signature(version_dir))
         return found
 
     def _load(self, name: str, version: int, path: Path, signature: Signature) -> Entry | None:
@@ -139,3 +133,14 @@ class ModelRepository:
             versions = new.get(name, {})
             self.metrics.model_loaded.labels(name).set(1 if versions else 0)
             self.metrics.model_version.labels(name).set(max(versions) if versions else 0)
+
+
+def _signature(directory: Path) -> Signature:
+    files = total = newest = 0
+    for file in directory.iterdir():
+        try:
+            stat = file.stat()
+        except FileNotFoundError:  # removed while we looked: the next scan sees the new state
+            continue
+        files, total, newest = files + 1, total + stat.st_size, max(newest, stat.st_mtime_ns)
+    return files, total, newest
