@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -53,7 +54,9 @@ class LocalCIFAR10(datasets.CIFAR10):
     (a subset, a re-packed copy, a test fixture) and still fails clearly when a file is missing.
     """
 
-    def __init__(self, root: str | Path, train: bool = True, transform=None, verify_md5: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, train: bool = True, transform: Callable | None = None, verify_md5: bool = False
+    ) -> None:
         self.verify_md5 = verify_md5
         super().__init__(str(root), train=train, transform=transform, download=False)
 
