@@ -46,7 +46,7 @@ from conceptlens.handlers.hooks import capture
 from . import checkpoint, distributed
 from .config import TrainConfig, traced_layers, validate
 from .evaluate import evaluate
-from .losses import consistent_loss, distance
+from .losses import LossTerms, consistent_loss, distance
 from .run import RUN_FILE, WEIGHTS_FILE, run_metadata
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,41 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+
+
+def batch_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    *,
+    attack: Any,
+    layers: tuple[str, ...],
+    dist: Any,
+    net: nn.Module | None = None,
+    autocast: Any = None,
+    before_forward: Any = None,
+) -> LossTerms:
+    """The loss of one batch, exactly as the trainer computes it (see the module docstring for the BN choice).
+
+    `model` is the bare ImageClassifier (attacked, hooked); `net` what is forwarded (the DDP wrapper, else
+    `model`). x* comes from `attack` (None: standard training); φ_l are captured on `layers` only when λ > 0.
+    """
+    net = model if net is None else net
+    adv = None if attack is None else attack(x, y).adv  # eval mode inside the library; train flags restored
+    if before_forward is not None:
+        before_forward()
+    want_acts = adv is not None and config.loss.consistency_weight > 0
+    n = x.shape[0]
+    with capture(model, layers if want_acts else ()) as acts, autocast or nullcontext():
+        logits = net(x if adv is None else torch.cat([x, adv]))
+        return consistent_loss(
+            logits[:n], y,
+            logits_adv=None if adv is None else logits[n:],
+            acts_clean={k: v[:n] for k, v in acts.items()} if want_acts else None,
+            acts_adv={k: v[n:] for k, v in acts.items()} if want_acts else None,
+            adv_weight=config.loss.adv_weight, consistency_weight=config.loss.consistency_weight, dist=dist,
+        )
 
 
 class _Trainer:
@@ -306,25 +341,11 @@ class _Trainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the loss terms (in `_term_names` order) as one detached vector."""
-        cfg = self.config
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        adv = None
-        if self.attack is not None:
-            adv = self.attack(x, y).adv  # eval mode inside the library; train flags restored after
-        self.optimizer.zero_grad(set_to_none=True)  # the attack may have left parameter gradients behind
-        want_acts = adv is not None and cfg.loss.consistency_weight > 0
         autocast = torch.autocast("cuda", enabled=True) if self.amp else nullcontext()
-        with capture(self.model, self.layers if want_acts else ()) as acts, autocast:
-            n = x.shape[0]
-            logits = self.net(x if adv is None else torch.cat([x, adv]))
-            terms = consistent_loss(
-                logits[:n], y,
-                logits_adv=None if adv is None else logits[n:],
-                acts_clean={k: v[:n] for k, v in acts.items()} if want_acts else None,
-                acts_adv={k: v[n:] for k, v in acts.items()} if want_acts else None,
-                adv_weight=cfg.loss.adv_weight, consistency_weight=cfg.loss.consistency_weight, dist=self.dist,
-            )
+        terms = batch_loss(self.model, x, y, self.config, attack=self.attack, layers=self.layers,
+                           dist=self.dist, net=self.net, autocast=autocast, before_forward=self._zero_grad)
         self.scaler.scale(terms.total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -332,6 +353,9 @@ class _Trainer:
         zero = terms.total.new_zeros(())
         layer_terms = [terms.per_layer.get(name, zero) for name in self.layers]
         return torch.stack([terms.total, terms.ce_clean, terms.ce_adv, terms.consistency, *layer_terms]).detach()
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # the attack may have left parameter gradients behind
 
     def _validate(self) -> dict[str, Any]:
         e = self.config.eval
