@@ -66,11 +66,11 @@ def test_unknown_section_and_key_list_valid_ones(tmp_path: Path) -> None:
         cfg.load(None, ["atack.eps=0.1"])
     with pytest.raises(UnknownName, match="consistency_weight"):
         cfg.load(None, ["loss.lambda=0.1"])
-    with pytest.raises(InvalidInput, match="section.key=value"):
+    with pytest.raises(InvalidInput, match=r"section\.key=value"):
         cfg.load(None, ["epochs=3"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[run\nepochs=1")
-    with pytest.raises(InvalidInput, match="bad.toml"):
+    with pytest.raises(InvalidInput, match=r"bad\.toml"):
         cfg.load(bad)
     with pytest.raises(InvalidInput, match="no such file"):
         cfg.load(tmp_path / "missing.toml")
