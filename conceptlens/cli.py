@@ -1,8 +1,9 @@
 """The `conceptlens` command: one subcommand per offline or online job.
 
-Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`; modules are
-imported only when their command runs, so `conceptlens --help` stays fast. User errors (our domain errors,
-bad paths) print one line and exit 2; anything else is a bug and keeps its traceback.
+Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`. Only the module of
+the command being run is imported (torch, grpc and friends cost seconds), so every invocation stays quick.
+User errors (our domain errors, bad paths) print one line and exit 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -31,16 +32,20 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
 }
 
 
-def _add(sub: argparse._SubParsersAction, name: str, target: tuple[str, str] | dict, path: str) -> None:
+def _add(sub: argparse._SubParsersAction, name: str, target: tuple[str, str] | dict, chosen: list[str]) -> None:
+    """Add one command; only the command being run (`chosen` is argv's leading words) imports its module."""
     if isinstance(target, dict):
         group = sub.add_parser(name, help=f"{name} commands: {', '.join(target)}")
-        inner = group.add_subparsers(dest=f"{path}_{name}", metavar="COMMAND", required=True)
+        inner = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+        rest = chosen[1:] if chosen[:1] == [name] else []
         for child, child_target in target.items():
-            _add(inner, child, child_target, f"{path}_{name}")
+            _add(inner, child, child_target, rest)
         return
     module_name, help_text = target
     parser = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
     parser.set_defaults(_module=module_name)
+    if chosen[:1] != [name]:
+        return
     try:
         importlib.import_module(module_name).configure(parser)
     except ModuleNotFoundError as err:
@@ -49,29 +54,33 @@ def _add(sub: argparse._SubParsersAction, name: str, target: tuple[str, str] | d
         parser.set_defaults(_missing=True)  # command planned but not built in this checkout
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conceptlens", description="Train, dissect, export and serve interpretable image classifiers."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = [word for word in argv if not word.startswith("-")][:2]
     for name, target in COMMANDS.items():
-        _add(sub, name, target, "cmd")
+        _add(sub, name, target, chosen)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    command = " ".join(word for word in argv if not word.startswith("-"))
+    command = " ".join(command.split()[: 2 if isinstance(COMMANDS.get(args.command), dict) else 1])
     if getattr(args, "_missing", False):
-        parser.exit(2, f"conceptlens: error: '{args.command}' is not available in this build\n")
+        parser.exit(2, f"conceptlens: error: '{command}' is not available in this build\n")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ConceptLensError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        print(f"conceptlens {args.command}: error: {err}", file=sys.stderr)
+        print(f"conceptlens {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"conceptlens {args.command}: interrupted", file=sys.stderr)
+        print(f"conceptlens {command}: interrupted", file=sys.stderr)
         return 130
