@@ -302,6 +302,7 @@ class _Trainer:
     def _epoch(self) -> dict[str, Any]:
         cfg, pos = self.config, self.position
         self.sampler.set_epoch(pos.epoch)
+        self.loader.generator.manual_seed(cfg.run.seed + pos.epoch)  # worker seeds: a function of the epoch
         self.sampler.set_start(pos.batch * self.rank_batch)
         self.model.train()
         started = time.perf_counter()
