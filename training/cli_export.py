@@ -45,18 +45,26 @@ def run(args: argparse.Namespace) -> int:
     dissection = load_dissection(args.dissection) if args.dissection else None
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
 
-    from conceptlens.training.run import load_run
+    from conceptlens.training.run import load_run, read_run
 
     model = load_run(run_dir)
-    run_info = _read_json(run_dir / "run.json")
-    provenance = {"run": str(run_dir.resolve()), "run_info": run_info, "config": _read_json(run_dir / "config.json")}
-    for key in ("lambda", "lam", "epsilon", "eps", "seed", "git_commit"):
-        value = run_info.get(key, provenance["config"].get(key) if provenance["config"] else None)
-        if value is not None:
-            provenance[key] = value
+    run_info = read_run(run_dir)
+    provenance = {
+        "run": str(run_dir.resolve()),
+        "config": run_info.get("config") or _read_json(run_dir / "config.json"),
+        "regime": run_info.get("regime"),
+        "lambda": run_info.get("lambda"),
+        "epsilon": run_info.get("eps"),
+        "attack": run_info.get("attack"),
+        "seed": run_info.get("seed"),
+        "git_commit_trained": run_info.get("git_commit"),
+    }
+    metrics = {**_last_metrics(run_dir / "metrics.jsonl"), **(run_info.get("metrics") or {})}
+    if layers is None and dissection is None and run_info.get("layers"):
+        layers = list(run_info["layers"])
     out = export_bundle(
         model, args.out, name=name, version=version, layers=layers, dissection=dissection,
-        metrics=_last_metrics(run_dir / "metrics.jsonl"), provenance=provenance, overwrite=args.overwrite,
+        metrics=metrics, provenance=provenance, overwrite=args.overwrite,
     )
     bundle = load_bundle(out)  # the check the server will make, made now
     result = {"bundle": str(out), "name": name, "version": version, "layers": bundle.layer_names,

@@ -1,0 +1,132 @@
+"""Network Dissection: a planted colour detector is found, a noise unit is not, and streaming equals exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conceptlens.handlers import zoo
+from conceptlens.training.data.shapes import CONCEPT_ID, ShapesWorld
+from conceptlens.training.data.shapes_catalog import OBJECT_COLORS
+from conceptlens.training.dissect.engine import DissectConfig, concepts_of, dissect, unpack
+from conceptlens.training.dissect.labels import DETECTOR_IOU
+
+SIZE = 32
+PLANTED = "red"
+
+
+class PlantedNet(nn.Module):
+    """Layer "detect" has two units at half resolution. Unit 0 fires on one exact colour (times a mild fixed
+    spatial gain, so that saturated responses do not tie at the threshold); unit 1 is pseudo-random noise of the
+    pixels (a hash of a random projection), tied to no concept. The net sees raw [0,1] pixels (mean 0, std 1)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        colour = torch.tensor(OBJECT_COLORS[PLANTED], dtype=torch.float32) / 255
+        self.register_buffer("colour", colour.view(1, 3, 1, 1))
+        self.register_buffer("gain", 0.8 + 0.2 * torch.rand(1, 1, SIZE // 2, SIZE // 2, generator=gen))
+        self.register_buffer("projection", torch.randn(1, 3, 3, 3, generator=gen))
+        self.detect = _Detect()
+        self.fc = nn.Linear(2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.detect(x, self.colour, self.gain, self.projection)
+        return self.fc(a.mean((2, 3)))
+
+
+class _Detect(nn.Module):
+    def forward(self, x: torch.Tensor, colour: torch.Tensor, gain: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        near = F.avg_pool2d(torch.exp(-((x - colour) ** 2).sum(1, keepdim=True) / 0.01), 2) * gain
+        noise = torch.frac(torch.sin(F.conv2d(x, proj, stride=2, padding=1) * 1000.0).abs() * 43758.5453)
+        return torch.cat([near, noise], 1)
+
+
+zoo.register_arch("test_planted", last_layer="detect", head="fc", default_layers=("detect",))(PlantedNet)
+
+
+def test_planted_colour_unit_is_labelled_and_noise_unit_is_not_a_detector():
+    data = ShapesWorld(96, size=SIZE, seed=1, with_masks=True)
+    model = zoo.build_model("test_planted", data.classes, input_size=SIZE, mean=(0, 0, 0), std=(1, 1, 1))
+    result = dissect(model, data, DissectConfig(layers=("detect",), batch_size=32))
+    planted, noise = result.layers["detect"].units
+    assert (planted.label, planted.category) == (PLANTED, "color")
+    assert planted.detector and planted.iou > DETECTOR_IOU
+    runner_up = sorted(result.layers["detect"].iou[0].tolist())[-2]
+    assert planted.iou > 2 * runner_up  # the planted concept stands out, not a near tie
+    assert not noise.detector and noise.iou < DETECTOR_IOU
+
+
+def _exact(model, data, layer: str, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """All in memory: exact quantile over every activation, then IoU per (unit, concept) with explicit loops."""
+    images, masks = [], []
+    for i in range(len(data)):
+        image, _, m = data[i]
+        images.append(image)
+        masks.append(m)
+    x = torch.stack(images)
+    with torch.no_grad(), zoo_capture(model, layer) as acts:
+        model(x)
+    a = acts[layer]
+    units = a.shape[1]
+    thresholds = torch.quantile(a.transpose(0, 1).reshape(units, -1), 1 - q, dim=1, interpolation="lower")
+    up = F.interpolate(a, size=(SIZE, SIZE), mode="bilinear", align_corners=False) > thresholds.view(1, -1, 1, 1)
+    upf = up.flatten(2).double()  # (N, K, P)
+    per_image = upf.sum(2)  # |M_k(x)|
+    concepts = concepts_of(data)
+    iou = torch.zeros(units, max(c.id for c in concepts) + 1, dtype=torch.float64)
+    for c in concepts:
+        lab = torch.stack([m[c.category] for m in masks]) == c.id  # (N,H,W)
+        annotated = torch.stack([(m[c.category] != 0).any() for m in masks])  # (N,)
+        inter = torch.einsum("nkp,np->k", upf, lab.flatten(1).double())
+        union = (per_image * annotated.double().unsqueeze(1)).sum(0) + lab.sum().double() - inter
+        iou[:, c.id] = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
+    return thresholds, iou
+
+
+def zoo_capture(model, layer):
+    from conceptlens.handlers.hooks import capture
+
+    return capture(model, [layer], detach=True)
+
+
+@pytest.mark.parametrize("layer", ["layer1", "layer3"])
+def test_streaming_dissection_matches_exact_in_memory_computation(layer):
+    torch.manual_seed(0)
+    data = ShapesWorld(40, size=SIZE, seed=2, with_masks=True)
+    model = zoo.build_model("small_cnn", data.classes, input_size=SIZE).eval()
+    q = 0.005
+    # layer1 gives 40·16·16 = 10240 values per unit: more than k, so the sketch compacts (the top stays exact).
+    result = dissect(model, data, DissectConfig(layers=(layer,), batch_size=7, sketch_k=4096, quantile=q))
+    thresholds, iou = _exact(model, data, layer, q)
+    got = result.layers[layer]
+    torch.testing.assert_close(got.thresholds, thresholds, rtol=0, atol=1e-6)
+    assert (got.iou - iou).abs().max().item() < 1e-3
+    exact_best = iou[:, 1:].argmax(1) + 1
+    assert [u.concept_id for u in got.units if u.iou > 0] == [int(exact_best[u.index]) for u in got.units
+                                                                if u.iou > 0]
+
+
+def test_unpack_accepts_both_item_orders():
+    images, masks, labels = torch.rand(2, 3, 4, 4), {"color": torch.zeros(2, 4, 4, dtype=torch.long)}, torch.ones(2)
+    for batch in ([images, labels.long(), masks], [images, masks, labels.long()]):
+        got_images, got_labels, got_masks = unpack(batch)
+        assert got_images is images and got_labels.tolist() == [1, 1] and set(got_masks) == {"color"}
+    assert unpack([images, -torch.ones(2, dtype=torch.long), masks])[1] is None  # Broden without classes
+
+
+def test_cooccurrence_and_baselines_are_measured():
+    data = ShapesWorld(27, size=SIZE, seed=3, with_masks=True)
+    model = zoo.build_model("small_cnn", data.classes, input_size=SIZE).eval()
+    result = dissect(model, data, DissectConfig(layers=("layer3",), batch_size=9))
+    # Each object concept occurs in every image of its own class and in no other class's images.
+    for name in data.classes:
+        row = result.cooccurrence[name]
+        assert row[name] == 1.0 and sum(row.values()) == 1.0
+    with torch.no_grad(), zoo_capture(model, "layer3") as acts:
+        model(torch.stack([data[i][0] for i in range(len(data))]))
+    torch.testing.assert_close(result.layers["layer3"].baselines, acts["layer3"].mean((0, 2, 3)), rtol=1e-5,
+                               atol=1e-6)
+    assert CONCEPT_ID["object", data.classes[0]] in {c.id for c in result.concepts}

@@ -1,0 +1,64 @@
+"""The per-unit quantile sketch: exact on short streams, bounded error and memory through many compactions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conceptlens.handlers.errors import InvalidInput
+from conceptlens.training.dissect.quantile import QuantileSketch
+
+
+def _rank_error(values: torch.Tensor, estimate: torch.Tensor, p: float) -> float:
+    """Worst unit's |rank(estimate) − p·(n−1)| / n."""
+    n = values.shape[1]
+    below = (values < estimate[:, None]).sum(1).double()
+    at_or_below = (values <= estimate[:, None]).sum(1).double()
+    target = p * (n - 1)
+    # the estimate occupies ranks [below, at_or_below - 1]; distance from the target to that range
+    err = torch.clamp(below - target, min=0) + torch.clamp(target - (at_or_below - 1), min=0)
+    return float(err.max() / n)
+
+
+def test_short_stream_is_exact_like_torch_quantile():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 3000, generator=gen) * torch.arange(1, 6).view(5, 1)
+    sketch = QuantileSketch(5, k=4096)
+    for chunk in values.split(700, dim=1):
+        sketch.update(chunk)
+    assert sketch.compactions == 0
+    for p in (0.0, 0.5, 0.995, 1.0):
+        expected = torch.quantile(values, p, dim=1, interpolation="lower")
+        assert torch.equal(sketch.quantile(p), expected), p
+
+
+@pytest.mark.parametrize("protect_top", [True, False])
+def test_long_stream_compacts_and_keeps_rank_error_and_memory_bounded(protect_top):
+    gen = torch.Generator().manual_seed(1)
+    k, units = 128, 3
+    sketch = QuantileSketch(units, k=k, seed=3, protect_top=protect_top)
+    chunks = []
+    for i in range(200):  # 200·300 = 60000 values per unit ≈ 470·k: many compactions at many levels
+        chunk = torch.randn(units, 300, generator=gen) * (1 + i % 4) + (i % 7)  # drifting, non-stationary
+        chunks.append(chunk)
+        sketch.update(chunk)
+        assert sketch.size <= 3 * k + 2 * len(sketch.levels)  # memory independent of the stream length
+    values = torch.cat(chunks, dim=1)
+    assert sketch.count == values.shape[1]
+    assert sketch.compactions > 100 and len(sketch.levels) >= 5
+    for p in (0.1, 0.5, 0.9, 0.995):
+        assert _rank_error(values, sketch.quantile(p), p) <= 2.5 / k, p  # documented ε ≈ 2/k
+    if protect_top:  # the top tail, where dissection reads its thresholds, is much tighter
+        assert _rank_error(values, sketch.quantile(0.995), 0.995) <= 0.25 / k
+
+
+def test_sketch_stays_on_the_values_device_and_rejects_bad_input():
+    sketch = QuantileSketch(2, k=16)
+    sketch.update(torch.arange(40.0).view(2, 20))
+    assert all(level.device == torch.device("cpu") for level in sketch.levels)
+    with pytest.raises(InvalidInput, match="values"):
+        sketch.update(torch.zeros(3, 4))
+    with pytest.raises(InvalidInput, match="p"):
+        sketch.quantile(1.5)
+    with pytest.raises(InvalidInput, match="no values"):
+        QuantileSketch(2).quantile(0.5)

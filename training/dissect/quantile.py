@@ -1,0 +1,110 @@
+"""A per-unit streaming quantile sketch that stays on the device: KLL, vectorised over units.
+
+Karnin, Lang & Liberty, "Optimal Quantile Approximation in Streams", FOCS 2016 (the KLL sketch; NetDissect-Lite's
+`util/vecquantile.py` uses the same idea for the same job). Each unit keeps a stack of compactors; level h holds
+items of weight 2^h and has capacity max(2, ceil(k·(2/3)^(H-1-h))) for H levels. A full level is sorted and every
+other item (random offset) of its lower part is promoted one level up with double weight; its top half stays
+(the high-rank-accuracy rule of ReqSketch: Cormode, Karnin, Liberty, Thaler & Veselý, "Relative Error Streaming
+Quantiles", PODS 2021), because dissection asks for the top 0.5% tail. Every unit sees the same number of values
+per update, so all units' compactors have the same sizes and the whole sketch is a few (units, n_h) tensors.
+
+Memory: at most ~3k values per unit plus the update being absorbed, independent of the stream length
+(the number of levels grows as log2(n/k), each adding <= 2 values).
+Error: the rank of the returned value is within ε·n of the requested rank, ε = O(1/k) with high probability
+(KLL). Measured over 60,000 drifting values per unit with k = 128 (tests/training/test_quantile.py): rank error
+≤ 2/k·n at any p, and ≤ 0.1/k·n at p = 0.995 with the top protected (vs up to 1.4/k unprotected). With the
+default k = 4096 the dissection threshold's rank is off by ≤ ~2.5e-5·n, i.e. ≤ 0.5% of the q = 0.005 tail.
+No compaction happens before k values per unit; until then the answer is the exact order statistic
+(torch.quantile with interpolation "lower").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conceptlens.handlers.errors import InvalidInput
+
+DEFAULT_K = 4096
+_SHRINK = 2.0 / 3.0
+
+
+class QuantileSketch:
+    """Streaming quantiles of `units` independent streams. Feed `update((units, n))`, ask `quantile(p)`."""
+
+    def __init__(self, units: int, *, k: int = DEFAULT_K, seed: int = 0, protect_top: bool = True) -> None:
+        if units <= 0:
+            raise InvalidInput("units", f"must be > 0, got {units}")
+        if k < 8:
+            raise InvalidInput("k", f"must be >= 8, got {k}")
+        self.units, self.k = int(units), int(k)
+        self.count = 0  # values seen per unit
+        self.levels: list[torch.Tensor] = []  # level h: (units, n_h), each item of weight 2**h
+        self._coin = torch.Generator().manual_seed(seed)  # CPU coin flips: no device sync per compaction
+        self.compactions = 0
+        self.protect_top = protect_top
+
+    def capacity(self, level: int) -> int:
+        height = len(self.levels)
+        return max(2, math.ceil(self.k * _SHRINK ** (height - 1 - level)))
+
+    @property
+    def size(self) -> int:
+        """Values held per unit (the memory footprint is units × size)."""
+        return sum(level.shape[1] for level in self.levels)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Absorb `values` (units, n): n new observations for every unit."""
+        if values.dim() != 2 or values.shape[0] != self.units:
+            raise InvalidInput("values", f"expected shape ({self.units}, n), got {tuple(values.shape)}")
+        if values.shape[1] == 0:
+            return
+        values = values.detach().float()
+        if not self.levels:
+            self.levels.append(values.new_empty((self.units, 0)))
+        self.levels[0] = torch.cat([self.levels[0], values], dim=1)
+        self.count += values.shape[1]
+        self._compress()
+
+    def _compress(self) -> None:
+        level = 0
+        while level < len(self.levels):
+            if self.levels[level].shape[1] > self.capacity(level):
+                self._compact(level)
+            level += 1
+
+    def _compact(self, level: int) -> None:
+        items = torch.sort(self.levels[level], dim=1).values
+        n = items.shape[1]
+        # Only the lower part is compacted; the top `keep` items stay at full resolution (ReqSketch's
+        # high-rank-accuracy rule), so the top-q tail that dissection asks for keeps a small *relative* error.
+        keep = min(n, max(1, self.capacity(level) // 2)) if self.protect_top else n % 2
+        even = (n - keep) - ((n - keep) % 2)
+        offset = int(torch.randint(0, 2, (1,), generator=self._coin))
+        promoted = items[:, offset:even:2]
+        self.levels[level] = items[:, even:]
+        if level + 1 == len(self.levels):
+            self.levels.append(promoted)
+        else:
+            self.levels[level + 1] = torch.cat([self.levels[level + 1], promoted], dim=1)
+        self.compactions += 1
+
+    def quantile(self, p: float) -> torch.Tensor:
+        """Per unit, the value whose rank is floor(p·(n-1)) (0-based, ascending), approximately: shape (units,)."""
+        if not 0.0 <= p <= 1.0:
+            raise InvalidInput("p", f"must be in [0, 1], got {p}")
+        if self.count == 0:
+            raise InvalidInput("sketch", "no values seen yet")
+        values = torch.cat(self.levels, dim=1)
+        weights = torch.cat([
+            torch.full((lvl.shape[1],), float(2**h), device=values.device, dtype=torch.float64)
+            for h, lvl in enumerate(self.levels)
+        ])
+        order = torch.argsort(values, dim=1)
+        cum = torch.cumsum(weights[order], dim=1)  # (units, m): weight of items <= each sorted item
+        rank = math.floor(p * (self.count - 1))
+        idx = torch.searchsorted(cum, torch.full((self.units, 1), float(rank), device=values.device,
+                                                 dtype=torch.float64), right=True)
+        idx = idx.clamp_(max=values.shape[1] - 1)
+        return torch.gather(torch.gather(values, 1, order), 1, idx).squeeze(1)
