@@ -15,12 +15,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .interceptors import MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
+from .oip import SERVICE_NAME as OIP_SERVICE_NAME
+from .oip import OipServicer
 from .repository import ModelRepository
 from .runners import Runners
 from .servicer import ConceptLensServicer
@@ -66,9 +69,12 @@ class ConceptLensServer:
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         pb_grpc.add_ConceptLensServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Open Inference Protocol (KServe v2) beside conceptlens.v1, on the same repository and Predict batcher.
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(self.repository, self.servicer, self.metrics),
+                                                            server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server)
+            [SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls:
             self.port = server.add_secure_port(address, _credentials(cfg))

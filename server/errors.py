@@ -36,6 +36,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BundleError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),  # a method declared in the proto, not built yet
 )
 
 

@@ -3,6 +3,7 @@ batch, then per-image tracing. Inputs are already decoded and validated."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Runners:
     def explain(self, runtime: ModelRuntime, jobs: Sequence[ExplainJob]) -> list[ExplainOutput]:
         """One ONNX pass for the whole batch, then each image's trace with its request's options."""
         out = self._forward(runtime, [job.images for job in jobs])
+        started = time.perf_counter()
         results, start = [], 0
         for job in jobs:
             n = len(job.images)
@@ -55,4 +57,6 @@ class Runners:
                                           plausibility_threshold=self.threshold))
             results.append(ExplainOutput(out.logits[start : start + n], traces))
             start += n
+        if any(layer != getattr(runtime.head, "layer", None) for job in jobs for layer in job.layers):
+            self.metrics.inference.labels(runtime.name, "torch").observe(time.perf_counter() - started)
         return results

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
@@ -108,7 +107,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
         try:
             self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
-            raise InvalidInput("attack", "Probe is not available in this build yet")
+            raise NotImplementedError("Probe is not available in this build yet")
         except Exception as err:
             await errors.abort(context, err, "Probe")
 

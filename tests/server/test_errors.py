@@ -20,6 +20,7 @@ from conceptlens.server.errors import DeadlineExpired, Unauthenticated, status_f
     (BundleError("bad"), grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
+    (NotImplementedError("later"), grpc.StatusCode.UNIMPLEMENTED),
     (KeyError("oops"), grpc.StatusCode.INTERNAL),
 ])
 def test_table(err, code):
