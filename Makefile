@@ -8,6 +8,8 @@ METRICS_PORT ?= 9090
 MODELS ?= models
 PROTO := proto/conceptlens/v1/conceptlens_service.proto
 STUBS := clients/python/conceptlens_client/v1/conceptlens_service_pb2.py
+OIP_PROTO := proto/kserve/v2/grpc_predict_v2.proto
+OIP_STUBS := clients/python/conceptlens_client/kserve/v2/grpc_predict_v2_pb2.py
 
 .PHONY: test serve proto lint bench default-model clean-venv
 
@@ -26,18 +28,27 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml clients/python/py
 $(STUBS): $(PROTO) $(STAMP)
 	$(MAKE) proto
 
+$(OIP_STUBS): $(OIP_PROTO) | $(STAMP)
+	$(MAKE) proto
+
 proto:
 	mkdir -p clients/python/conceptlens_client/v1
 	$(BIN)/python -m grpc_tools.protoc -Iconceptlens_client/v1=proto/conceptlens/v1 \
 		--python_out=clients/python --grpc_python_out=clients/python --pyi_out=clients/python \
 		conceptlens_client/v1/conceptlens_service.proto
 	touch clients/python/conceptlens_client/v1/__init__.py
+	# The Open Inference Protocol (KServe v2, package `inference`) that server/oip.py serves beside conceptlens.v1.
+	mkdir -p clients/python/conceptlens_client/kserve/v2
+	$(BIN)/python -m grpc_tools.protoc -Iconceptlens_client/kserve/v2=proto/kserve/v2 \
+		--python_out=clients/python --grpc_python_out=clients/python --pyi_out=clients/python \
+		conceptlens_client/kserve/v2/grpc_predict_v2.proto
+	touch clients/python/conceptlens_client/kserve/__init__.py clients/python/conceptlens_client/kserve/v2/__init__.py
 
 # The service on the default model repository (models/<name>/<version>/).
-serve: $(STUBS)
+serve: $(STUBS) $(OIP_STUBS)
 	$(BIN)/conceptlens serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STUBS)
+test: $(STUBS) $(OIP_STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
