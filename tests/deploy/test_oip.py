@@ -1,0 +1,79 @@
+"""The Open Inference Protocol (KServe v2 gRPC) on a real ConceptLens server, called by tritonclient from PyPI:
+ServerLive, ServerReady, ModelReady, ModelMetadata and ModelInfer answer as Triton's clients expect, and ModelInfer
+gives the same logits as ConceptLens' own Predict (same repository, same batcher)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deploy_helpers import CLASSES, SIZE
+
+from conceptlens_client import Client
+
+CLIENT = Path(__file__).with_name("oip_client.py")
+
+
+@pytest.fixture(scope="module")
+def oip(server, tools, tmp_path_factory):
+    """(images, what tritonclient saw) for two random images."""
+    images = np.random.default_rng(0).random((2, 3, SIZE, SIZE), dtype=np.float32)
+    path = tmp_path_factory.mktemp("oip") / "images.npy"
+    np.save(path, images)
+    run = subprocess.run([sys.executable, str(CLIENT), f"127.0.0.1:{server.port}", "small", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return images, json.loads(run.stdout)
+
+
+def test_health_and_readiness(oip):
+    _, seen = oip
+    assert seen["live"] is True and seen["ready"] is True
+    assert seen["model_ready"] is True and seen["unknown_ready"] is False
+    assert seen["server"]["name"] == "conceptlens"
+
+
+def test_model_metadata(oip):
+    _, seen = oip
+    meta = seen["metadata"]
+    assert meta["name"] == "small" and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": ["-1", "3", str(SIZE), str(SIZE)]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", str(len(CLASSES))]}]
+
+
+def test_infer_matches_predict(oip, server):
+    images, seen = oip
+    logits = np.asarray(seen["logits"], dtype=np.float32)
+    assert logits.shape == (2, len(CLASSES)) and seen["ids"][0] == "r-1"
+    with Client(f"127.0.0.1:{server.port}") as client:
+        response = client.predict(list(images), "small", top_k=len(CLASSES))
+    for row, prediction in zip(logits, response.predictions, strict=True):
+        expected = {c.index: c.logit for c in prediction.classes}
+        np.testing.assert_allclose(row, [expected[i] for i in range(len(CLASSES))], atol=1e-5)
+    # UINT8 input is divided by 255: the rounded copy predicts (nearly) the same logits.
+    np.testing.assert_allclose(np.asarray(seen["logits_uint8"]), logits, atol=0.05)
+
+
+def test_errors_name_the_problem(oip):
+    _, seen = oip
+    errors = seen["errors"]
+    assert errors["bad_shape"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "inputs[0].shape" in errors["bad_shape"]["message"]
+    assert errors["out_of_range"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "[0, 1]" in errors["out_of_range"]["message"]
+    assert errors["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    assert "small" in errors["unknown_model"]["message"]  # the error lists what is served
+
+
+def test_oip_calls_are_counted(oip, server):
+    registry = server.metrics.registry
+    infer_ok = registry.get_sample_value("conceptlens_requests_total",
+                                         {"method": "ModelInfer", "model": "small", "code": "OK"})
+    assert infer_ok == 2
+    bad = registry.get_sample_value("conceptlens_requests_total",
+                                    {"method": "ModelInfer", "model": "small", "code": "INVALID_ARGUMENT"})
+    assert bad == 2
