@@ -87,3 +87,10 @@ def test_bad_data_spec_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="does not exist"):
         train(tiny("data.train=imagefolder:/nonexistent/x"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "ghost-ensemble"])
+def test_other_library_attacks_make_x_star(tmp_path: Path, attack: str) -> None:
+    run = train(tiny(f"attack.name={attack}", "attack.ghost_members=2", "data.train=shapes:32"), tmp_path / "run")
+    steps = records(run, "step")
+    assert steps and all(r["ce_adv"] > 0 and r["consistency"] > 0 for r in steps)
