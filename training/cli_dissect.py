@@ -1,0 +1,88 @@
+"""`conceptlens dissect`: label every unit of some layers with a concept (Network Dissection) and report the
+consistency metrics, writing dissection.json and report.html."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from conceptlens.handlers.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Network Dissection of a run or bundle on a concept dataset: per-unit top-q thresholds from a streaming "
+        "sketch, IoU with every concept, labels and detectors; unit consistency, MIS and (with --adversarial) "
+        "label stability and representation consistency r under targeted PGD. Writes REPORT_DIR/dissection.json "
+        "and REPORT_DIR/report.html."
+    )
+    parser.add_argument("--model", required=True, type=Path, help="a run directory (run.json) or bundle directory")
+    parser.add_argument("--data", required=True,
+                        help="Broden directory (PATH or PATH@split) or shapes:N[:SEED] for in-memory ShapesWorld")
+    parser.add_argument("--layers", help="comma-separated layer names (default: the architecture's default layers)")
+    parser.add_argument("--out", required=True, type=Path, help="report directory to write")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="also dissect targeted-PGD versions of the images (label stability, r, real ∪ adv)")
+    parser.add_argument("--eps", type=float, default=8 / 255, help="L∞ budget of the PGD attack (default 8/255)")
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    parser.add_argument("--affinity", type=Path, help='JSON {"classes": [...], "matrix": [[...]]}: A in pᵀAp')
+    parser.add_argument("--quantile", type=float, default=0.005, help="top-q activation quantile (default 0.005)")
+    parser.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU threshold (default 0.04)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--max-images", type=int, help="use only the first N images")
+    parser.add_argument("--top-k", type=int, default=50, help="top images per unit for consistency (default 50)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random start and targets")
+    parser.add_argument("--json", action="store_true", help="print the per-layer metrics as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from conceptlens.training.dissect.engine import DissectConfig, dissect
+    from conceptlens.training.dissect.metrics import load_affinity
+    from conceptlens.training.dissect.report import write_report
+    from conceptlens.training.dissect.sources import open_concepts, open_model
+
+    for name in ("batch_size", "steps", "top_k"):
+        if getattr(args, name) < 1:
+            raise InvalidInput(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.quantile < 1:
+        raise InvalidInput("--quantile", f"must be in (0, 1), got {args.quantile}")
+    if not 0 <= args.eps <= 1:
+        raise InvalidInput("--eps", f"must be in [0, 1], got {args.eps}")
+    if args.max_images is not None and args.max_images < 1:
+        raise InvalidInput("--max-images", f"must be >= 1, got {args.max_images}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidInput("--out", f"{args.out} exists and is not a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("--device", "cuda requested but no GPU is available")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model, model_info = open_model(args.model, device)
+    layers = tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else model.spec.default_layers
+    affinity = load_affinity(args.affinity, model.classes) if args.affinity else None
+    data, data_info = open_concepts(args.data, model.input_size)
+    config = DissectConfig(layers=tuple(layers), quantile=args.quantile, iou_threshold=args.iou_threshold,
+                           batch_size=args.batch_size, top_k=args.top_k, adversarial=args.adversarial,
+                           eps=args.eps, steps=args.steps, seed=args.seed, max_images=args.max_images)
+    start = time.perf_counter()
+    result = dissect(model, data, config, affinity=affinity)
+    seconds = time.perf_counter() - start
+    doc = write_report(result, args.out, model=model, dataset=data, model_info=model_info,
+                       data_info={**data_info, "images": result.images, "seconds": round(seconds, 2)})
+    summary = {name: {k: v for k, v in layer["metrics"].items() if not k.endswith("per_unit")}
+               for name, layer in doc["layers"].items()}
+    if args.json:
+        print(json.dumps({"out": str(args.out), "images": result.images, "seconds": round(seconds, 2),
+                          "layers": summary}, indent=1))
+    else:
+        for name, m in summary.items():
+            print(f"{name}: {m['detectors']}/{m['units']} detectors, unique {m['unique_detectors']['all']}, "
+                  f"consistency {m.get('consistency_real', float('nan')):.3f}")
+        print(f"wrote {args.out / 'report.html'}")
+    return 0
