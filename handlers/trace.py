@@ -94,13 +94,14 @@ def trace_image(
 ) -> TraceResult:
     """Trace one image. `image` (C,H,W) in [0,1]; `logits` (K,) and `acts` (layer -> (C,h,w)) from the ONNX pass."""
     target = int(np.argmax(logits)) if options.target is None else options.target
+    means = {name: a.reshape(a.shape[0], -1).mean(axis=1) for name, a in acts.items()}
     layers: list[LayerTrace] = []
     x: torch.Tensor | None = None
     for depth_index, layer in enumerate(reversed(options.layers)):  # deepest first, links need the layer below
         a = acts[layer]
         base = runtime.baselines[layer]
         if runtime.head is not None and runtime.head.layer == layer:
-            deltas = last_layer_deltas(a, runtime.head.weight[target], base)
+            deltas = runtime.head.weight[target] * (means[layer] - base)  # = last_layer_deltas, means reused
             order = np.argsort(-deltas, kind="stable")[: options.top_k_units]
             top = [(int(k), float(deltas[k]), True) for k in order]
             share = _share(deltas[order], deltas)
@@ -112,11 +113,11 @@ def trace_image(
             top = [(int(units[i]), float(exact[i]), True) for i in order]
             share = _share(exact[order], exact)
             method = SUFFIX
-        unit_traces = [_unit(runtime, layer, k, d, ex, a, options) for k, d, ex in top]
+        unit_traces = [_unit(runtime, layer, k, d, ex, a, means[layer], options) for k, d, ex in top]
         if depth_index == 0 and options.depth > 1:
             below = list(options.layers)[: len(options.layers) - 1]
             x = x if x is not None else torch.from_numpy(image).unsqueeze(0).to(runtime.device)
-            _link(runtime, x, layer, unit_traces, below, acts, options, options.depth - 1)
+            _link(runtime, x, layer, unit_traces, below, acts, means, options, options.depth - 1)
         layers.append(LayerTrace(layer, unit_traces, share, method))
     layers.reverse()
     deepest = layers[-1]
@@ -180,7 +181,7 @@ def _unit_target(layer: str, k: int) -> Callable[[torch.Tensor, dict[str, torch.
     return lambda _logits, store: store[layer][:, k].mean(dim=(1, 2))
 
 
-def _link(runtime, x, upper, units, below, acts, options, levels) -> None:
+def _link(runtime, x, upper, units, below, acts, means, options, levels) -> None:
     """Give each unit of `upper` its top contributors in the next shallower traced layer, `levels` deep."""
     if levels <= 0 or not below:
         return
@@ -189,16 +190,17 @@ def _link(runtime, x, upper, units, below, acts, options, levels) -> None:
         ks, exact, _ = hidden_deltas(runtime, x, lower, _unit_target(upper, unit.unit), [upper], options)
         order = np.argsort(-exact, kind="stable")[: options.top_k_units]
         unit.contributors = [
-            _unit(runtime, lower, int(ks[i]), float(exact[i]), True, acts[lower], options) for i in order
+            _unit(runtime, lower, int(ks[i]), float(exact[i]), True, acts[lower], means[lower], options)
+            for i in order
         ]
-        _link(runtime, x, lower, unit.contributors, below[:-1], acts, options, levels - 1)
+        _link(runtime, x, lower, unit.contributors, below[:-1], acts, means, options, levels - 1)
 
 
-def _unit(runtime: ModelRuntime, layer: str, k: int, delta: float, exact: bool, a: np.ndarray,
+def _unit(runtime: ModelRuntime, layer: str, k: int, delta: float, exact: bool, a: np.ndarray, means: np.ndarray,
           options: TraceOptions) -> UnitTrace:
     info = runtime.layers[layer].units_info[k]
     return UnitTrace(
-        layer=layer, unit=k, delta=delta, exact=exact, activation=float(a[k].mean()),
+        layer=layer, unit=k, delta=delta, exact=exact, activation=float(means[k]),
         baseline=float(runtime.baselines[layer][k]), concept=info.label, category=info.category,
         iou=float(info.iou), detector=bool(info.detector),
         map=activation_map(a[k], options.map_size) if options.include_maps else None,

@@ -2,7 +2,9 @@
 event loop (a blocking call inside a `grpc.aio` handler would stall every other call).
 
 A batch closes when it holds `max_batch` images or when its oldest request has waited `max_delay_s`, whichever
-comes first (Triton's dynamic batcher). A request with more images than `max_batch` runs as a batch of its own.
+comes first (Triton's dynamic batcher), or at once when no other caller is waiting on this queue: nothing more
+can join, and a lone caller should not pay the delay. A request with more images than `max_batch` runs as a
+batch of its own.
 Requests whose deadline passed while queued are failed with DeadlineExpired without running; requests whose
 caller went away (cancelled futures) are skipped. A full queue refuses new work at once with QueueFull.
 Each batcher owns its executor, so a slow method (Probe) cannot take the threads of a fast one (Predict).
@@ -56,6 +58,7 @@ class Batcher(Generic[P, R]):
         self._workers = [asyncio.create_task(self._work(), name=f"batcher-{method}-{model}-{i}")
                          for i in range(config.workers)]
         self._depth = metrics.queue_depth.labels(model, method)
+        self._outstanding = 0  # callers inside submit(): queued, running, or about to receive their result
 
     async def submit(self, key: Any, payload: P, size: int, deadline: float | None = None) -> R:
         """Queue one request and wait for its result. Cancelling the awaiting task withdraws the request."""
@@ -67,9 +70,11 @@ class Batcher(Generic[P, R]):
         self._items.append(_Item(key, payload, size, deadline, future))
         self._depth.set(len(self._items))
         self._wakeup.set()
+        self._outstanding += 1
         try:
             return await future
         finally:
+            self._outstanding -= 1
             if not future.done():
                 future.cancel()  # the caller went away: the worker skips it
 
@@ -102,7 +107,7 @@ class Batcher(Generic[P, R]):
                 images += item.size
                 continue
             remaining = close_at - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._outstanding <= len(batch):
                 break
             self._wakeup.clear()
             try:

@@ -124,3 +124,20 @@ def test_errors_reach_every_caller_of_the_batch():
         return results
 
     assert all(isinstance(r, RuntimeError) for r in run(main()))
+
+
+def test_lone_caller_does_not_wait_for_the_delay_but_a_crowd_does_batch():
+    fn = Recorder()
+
+    async def main():
+        b = Batcher("m", "predict", fn, BatchConfig(max_batch=8, max_delay_s=2.0), Metrics())
+        start = time.monotonic()
+        assert await b.submit("k", 1, 1) == 10
+        lone = time.monotonic() - start
+        results = await asyncio.gather(*(b.submit("k", i, 1) for i in range(8)))
+        await b.close()
+        return lone, results
+
+    lone, results = run(main())
+    assert lone < 1.0 and results == [i * 10 for i in range(8)]
+    assert len(fn.batches) <= 3  # the eight concurrent callers shared batches
