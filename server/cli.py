@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from conceptlens.handlers.errors import InvalidInput
 
-from .config import ServerConfig
+from .config import BatchConfig, ServerConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +34,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     """Validate the arguments (before any work) and build the frozen config."""
-    from dataclasses import replace
-
-    from .config import BatchConfig
-
     for name in ("port", "metrics_port"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 65535:

@@ -345,3 +345,20 @@ def test_metrics_move_and_batches_form(served):
     assert _value(after, "conceptlens_model_loaded", model="small") == 1
     assert _value(after, "conceptlens_model_version", model="small") == 1
     assert _value(after, "conceptlens_inference_duration_seconds_count", model="small", backend="onnxruntime") > 0
+
+
+def test_slow_explain_does_not_hold_up_predict(served):
+    """Separate queues and executors per method: a long hidden-layer Explain is in flight while Predicts pass."""
+    server, client = served
+    x = images(4, seed=5)
+    request = pb.ExplainRequest(
+        model="small", layers=["layer1", "layer2", "layer3"], depth=3, top_k_units=4, candidates=32,
+        images=[pb.Image(tensor=pb.Tensor(shape=[3, SIZE, SIZE], dtype=pb.Tensor.FLOAT32, data=i.tobytes()))
+                for i in x])
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        slow = pb_grpc.ConceptLensStub(channel).Explain.future(request, timeout=120)
+        time.sleep(0.1)
+        for _ in range(3):
+            assert client.predict([x[0]], "small").predictions
+        assert not slow.done(), "Predict waited for the Explain in flight"
+        assert len(slow.result().explanations) == 4
