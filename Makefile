@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml clients/python/py
 
 # gRPC stubs generated from the proto into the client package (git-ignored, never edited). The virtual path
 # makes generated imports read `conceptlens_client.v1...`; wire names stay `conceptlens.v1.*`.
-$(STUBS): $(PROTO) $(STAMP)
+$(STUBS): $(PROTO) | $(STAMP)
 	$(MAKE) proto
 
 $(OIP_STUBS): $(OIP_PROTO) | $(STAMP)
