@@ -1,0 +1,50 @@
+"""Every metric the Grafana dashboard and the alert rules query is one the server exports, and every family the
+server exports is on the dashboard: renaming a metric in server/metrics.py fails here, not in production."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from deploy_helpers import DEPLOY
+
+DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+
+@pytest.fixture(scope="module")
+def q(tools):
+    import queries  # needs PyYAML, which the tools fixture installs when missing
+
+    return queries
+
+
+def test_dashboard_queries_exported_metrics(q):
+    used = q.metric_names(q.dashboard_exprs(DASHBOARD))
+    exported = q.exported_names()
+    assert used, "the dashboard queries no conceptlens_ metric"
+    assert used <= exported, f"dashboard queries metrics the server does not export: {sorted(used - exported)}"
+
+
+def test_alerts_query_exported_metrics(q):
+    exprs = q.rule_exprs(ALERTS)
+    used = q.metric_names(exprs)
+    assert used <= q.exported_names(), f"alerts query unknown metrics: {sorted(used - q.exported_names())}"
+    recorded = {rule["record"] for rule in q.rules(ALERTS) if "record" in rule}
+    referenced = {name for expr in exprs for name in q.RECORDED.findall(expr)}
+    assert referenced <= recorded, f"alerts use recording rules nobody defines: {sorted(referenced - recorded)}"
+
+
+def test_every_exported_family_is_on_the_dashboard(q):
+    used = q.metric_names(q.dashboard_exprs(DASHBOARD))
+    families = q.exported_families()
+    shown = {f for f in families if any(re.fullmatch(re.escape(f) + r"(_bucket|_sum|_count)?", u) for u in used)}
+    assert shown == families, f"exported but not on the dashboard: {sorted(families - shown)}"
+
+
+def test_names_follow_prometheus_conventions(q):
+    families = q.exported_families()
+    assert all(name.startswith("conceptlens_") for name in families)
+    assert all("duration" not in name or name.endswith("_seconds") for name in families)  # base unit in the name
+    assert "conceptlens_requests_total" in families  # Counter("conceptlens_requests") is exposed with _total
+    assert not any(name.endswith("_total_total") for name in q.exported_names())
