@@ -19,6 +19,7 @@ summary such as "car: units for wheel (IoU .31) and window (IoU .22) carried 71%
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,12 +142,18 @@ def hidden_deltas(
     """
     model = runtime.torch_model
     base = torch.as_tensor(runtime.baselines[layer], device=x.device)
-    with runtime.torch_lock, eval_mode(model):
-        with capture(model, [layer, *watch]) as store:
+    with runtime.torch_lock, eval_mode(model), ExitStack() as guards:
+        # downstream in-place ops (torchvision's ReLU(inplace=True)) must not rewrite what we captured: the
+        # network continues on a clone while `capture`, registered first, keeps the original
+        store = guards.enter_context(capture(model, [layer, *watch]))
+        for name in [layer, *watch]:
+            guards.enter_context(override(model, name, torch.clone))
+        with torch.enable_grad():
             logits = model(x)
             a = store[layer]
             value = target(logits, store)[0]
             (grad,) = torch.autograd.grad(value, a)
+        guards.close()
         a = a.detach()
         shift = a - base.view(1, -1, 1, 1)
         estimate = (grad * shift).sum(dim=(2, 3))[0]
@@ -165,7 +172,11 @@ def _ablate(model, x, layer, a, base, units, target, watch, chunk) -> torch.Tens
         n = ks.numel()
         ablated = a.expand(n, -1, -1, -1).clone()
         ablated[torch.arange(n, device=a.device), ks] = base[ks].view(-1, 1, 1).to(a.dtype)
-        with override(model, layer, lambda _out, t=ablated: t), capture(model, list(watch)) as store:
+        with ExitStack() as hooks:
+            hooks.enter_context(override(model, layer, lambda _out, t=ablated: t.clone()))
+            store = hooks.enter_context(capture(model, list(watch)))
+            for name in watch:  # as above: in-place ops downstream must not rewrite the captured upper layer
+                hooks.enter_context(override(model, name, torch.clone))
             logits = model(x)  # prefix on one image; the override makes the suffix run on n copies
             if logits.shape[0] != n:  # something between layer and output did not broadcast: rerun it all
                 logits = model(x.expand(n, -1, -1, -1))
