@@ -1,0 +1,148 @@
+"""Real TorchServe (Java) on loopback serving a ConceptLens bundle archived with torch-model-archiver and the
+handler in handlers/torchserve_handler.py: the model registers through the management API, and the inference
+API answers with our prediction (logits equal to the bundle's torch model) and influence trace."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from deploy_helpers import CLASSES, DEPLOY, LAYERS, ROOT, SIZE, free_port, wait_for
+from PIL import Image
+
+from conceptlens.handlers.bundle import load_bundle
+
+pytestmark = pytest.mark.slow
+
+BUNDLE_FILES = ("model.onnx", "weights.safetensors", "manifest.json")
+
+
+def config_properties(template: Path, overrides: dict[str, str]) -> str:
+    """deploy/torchserve/config.properties with some keys replaced (comments and other keys kept)."""
+    lines, seen = [], set()
+    for line in template.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in overrides:
+            line, _ = f"{key}={overrides[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
+    return "\n".join(lines) + "\n"
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/octet-stream"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def torchserve(tools, bundle_dir, tmp_path_factory):
+    """(inference URL, management URL, log path) of a running TorchServe with the bundle registered."""
+    work: Path = tmp_path_factory.mktemp("torchserve")
+    store = work / "model-store"
+    store.mkdir()
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "small", "--version", "1.0",
+                    "--handler", str(ROOT / "handlers" / "torchserve_handler.py"),
+                    "--extra-files", ",".join(str(bundle_dir / f) for f in BUNDLE_FILES),
+                    "--export-path", str(store)], check=True, capture_output=True, timeout=300)
+    assert (store / "small.mar").is_file()
+    ports = {name: free_port() for name in ("inference", "management", "metrics")}
+    config = work / "config.properties"
+    config.write_text(config_properties(DEPLOY / "torchserve" / "config.properties", {
+        **{f"{name}_address": f"http://127.0.0.1:{port}" for name, port in ports.items()},
+        "model_store": str(store), "load_models": "", "vmargs": "-Xmx512m -XX:+UseSerialGC"}))
+    (work / "tmp").mkdir()
+    # TorchServe keeps its pid file in the temp dir and its logs in the working directory: both stay in `work`,
+    # so this instance cannot collide with another one on the machine.
+    env = {**os.environ, "TMPDIR": str(work / "tmp"), "LOG_LOCATION": str(work / "logs"),
+           "METRICS_LOCATION": str(work / "logs"), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    log_path = work / "torchserve.out"
+    log = log_path.open("w")
+    proc = subprocess.Popen([str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
+                             "--ts-config", str(config), "--model-store", str(store)],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    inference = f"http://127.0.0.1:{ports['inference']}"
+    management = f"http://127.0.0.1:{ports['management']}"
+    try:
+        wait_for(lambda: proc.poll() is None and http("GET", f"{inference}/ping", timeout=5)[0] == 200, 120,
+                 f"TorchServe did not answer /ping (log: {log_path})")
+        status, body = http("POST", f"{management}/models?url=small.mar&initial_workers=1&synchronous=true",
+                            timeout=300)
+        assert status == 200, f"register failed: {status} {body}\n{_tail(work)}"
+        yield inference, management, work
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # java and its Python workers share the session we started
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+def _tail(work: Path) -> str:
+    logs = [*sorted((work / "logs").glob("*.log")), work / "torchserve.out"]
+    return "\n".join(f"--- {p.name}\n" + p.read_text()[-2000:] for p in logs if p.is_file())
+
+
+def test_prediction_and_trace(torchserve, bundle_dir):
+    inference, _, work = torchserve
+    pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    status, body = http("POST", f"{inference}/predictions/small", png(pixels))
+    assert status == 200, f"{status} {body}\n{_tail(work)}"
+    answer = json.loads(body)
+    assert answer["model"] == "small" and answer["version"] == 1
+    classes = answer["prediction"]["classes"]
+    assert len(classes) == len(CLASSES) and {c["label"] for c in classes} == set(CLASSES)
+    # Logits agree with the bundle's torch model on the same pixels (ONNX Runtime vs torch, float32).
+    model = load_bundle(bundle_dir, verify_onnx=False).torch_model("cpu")
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+    got = np.array([c["logit"] for c in sorted(classes, key=lambda c: c["index"])])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert classes[0]["index"] == int(expected.argmax())
+    trace = answer["trace"]
+    assert trace["target"]["index"] == classes[0]["index"]
+    assert [layer["layer"] for layer in trace["layers"]] == list(LAYERS)
+    assert trace["layers"][-1]["method"] == "exact-last-layer"
+    assert all(len(layer["units"]) == 5 for layer in trace["layers"])
+    deltas = [u["delta"] for u in trace["layers"][-1]["units"]]
+    assert deltas == sorted(deltas, reverse=True)
+    assert trace["summary"].startswith(classes[0]["label"])
+
+
+def test_bad_image_is_a_400_with_the_reason(torchserve):
+    inference, _, _ = torchserve
+    status, body = http("POST", f"{inference}/predictions/small", b"definitely not an image")
+    assert status == 400, body
+    assert "not a decodable PNG or JPEG image" in body
+
+
+def test_management_api_lists_a_ready_worker(torchserve):
+    _, management, _ = torchserve
+    status, body = http("GET", f"{management}/models/small")
+    assert status == 200
+    workers = json.loads(body)[0]["workers"]
+    assert workers and all(w["status"] == "READY" for w in workers)
