@@ -71,3 +71,38 @@ def test_plausibility_weighs_concepts_by_influence():
     assert plausibility(runtime, units, "car") == pytest.approx((3 * 1.0 + 1 * 0.2) / 4)
     assert plausibility(runtime, units, "boat") == pytest.approx((3 * 0.0 + 1 * 1.0) / 4)
     assert plausibility(types.SimpleNamespace(manifest=types.SimpleNamespace(cooccurrence={})), units, "car") is None
+
+
+def test_hidden_layer_inside_a_torchvision_block_matches_a_full_rerun(tmp_path):
+    """layer3.0.bn1 feeds an in-place ReLU: the trace must still see (and ablate) the unmodified activation."""
+    from conceptlens.handlers.backends import ModelRuntime
+    from conceptlens.handlers.bundle import load_bundle
+    from conceptlens.handlers.trace import TraceOptions, trace_image
+    from conceptlens.training.export import export_bundle
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", ["a", "b", "c"], input_size=32)
+    with torch.no_grad():
+        model.train()
+        model(torch.rand(8, 3, 32, 32))
+    model.eval()
+    bundle = export_bundle(model, tmp_path / "r" / "1", name="r", version=1, layers=["layer3.0.bn1", "layer4"])
+    runtime = ModelRuntime(load_bundle(bundle, verify_onnx=False), device="cpu")
+    x = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    out = runtime.forward(x[None])
+    acts = {name: a[0] for name, a in out.activations.items()}
+    result = trace_image(runtime, x, out.logits[0], acts,
+                         TraceOptions(layers=["layer3.0.bn1", "layer4"], top_k_units=3, candidates=8, depth=2))
+    c = result.target
+    xt = torch.from_numpy(x[None])
+    with torch.no_grad():
+        f = float(model(xt)[0, c])
+    for unit in result.layers[0].units:
+        def fn(o, k=unit.unit):
+            o = o.clone()
+            o[:, k] = 0.0  # exported without a dissection: baselines are 0
+            return o
+
+        with torch.no_grad(), override(model, "layer3.0.bn1", fn):
+            assert unit.delta == pytest.approx(f - float(model(xt)[0, c]), abs=1e-4)
+    assert all(len(u.contributors) == 3 for u in result.layers[1].units)
