@@ -31,7 +31,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 try:  # present inside TorchServe's model workers
     from ts.torch_handler.base_handler import BaseHandler
-except ImportError:  # pragma: no cover - torchserve not installed: keep the module importable
+except ImportError:  # torchserve not installed: keep the module importable
 
     class BaseHandler:  # type: ignore[no-redef]
         """Stand-in with BaseHandler's attributes, so the class below still defines without torchserve."""

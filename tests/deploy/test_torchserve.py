@@ -146,3 +146,26 @@ def test_management_api_lists_a_ready_worker(torchserve):
     assert status == 200
     workers = json.loads(body)[0]["workers"]
     assert workers and all(w["status"] == "READY" for w in workers)
+
+
+def test_handler_module_imports_without_torchserve():
+    """The guard around TorchServe's base class: with `ts` unimportable the module still loads."""
+    code = ("import sys; sys.modules['ts'] = None\n"
+            "from conceptlens.handlers.torchserve_handler import ConceptLensHandler\n"
+            "print(ConceptLensHandler.__mro__[1].__module__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "conceptlens.handlers.torchserve_handler"  # the stand-in, not ts'
+
+
+def test_decode_image_resizes_and_refuses():
+    from conceptlens.handlers.errors import InvalidInput
+    from conceptlens.handlers.torchserve_handler import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2 * SIZE, 2 * SIZE, 3), dtype=np.uint8)
+    image = decode_image(bytearray(png(pixels)), SIZE, 3, field="request[0]")
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+    with pytest.raises(InvalidInput, match=r"request\[1\]: not a decodable PNG or JPEG image"):
+        decode_image(b"GIF89a....", SIZE, 3, field="request[1]")
+    with pytest.raises(InvalidInput, match="must be PNG or JPEG image bytes"):
+        decode_image({"json": 1}, SIZE, 3, field="request[2]")
