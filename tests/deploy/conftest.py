@@ -8,15 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from deploy_helpers import export_small, install_tools, make_repo
+from deploy_helpers import Tools, export_small, install_tools, make_repo
 
 from conceptlens.server.background import BackgroundServer
 from conceptlens.server.config import Limits, ServerConfig
 
 
 @pytest.fixture(scope="session")
-def tools() -> None:
-    install_tools()
+def tools() -> Tools:
+    return install_tools()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,19 @@ made-up dissection (so traces carry concepts), and polling with a deadline."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import torch
 
 from conceptlens.handlers.zoo import build_model
@@ -26,10 +30,28 @@ CONCEPTS = ["wheel", "window", "leaf", "sail"]
 T = TypeVar("T")
 
 
-def install_tools() -> None:
-    """Run tests/deploy/install_tools.sh (idempotent: installs only what is missing)."""
-    subprocess.run(["bash", str(Path(__file__).with_name("install_tools.sh")), sys.executable], check=True,
-                   timeout=900)
+@dataclass(frozen=True)
+class Tools:
+    """What tests/deploy/install_tools.sh reported; `require` skips a test only when a tool is still missing
+    after the installer ran (e.g. no apt-get and no root on some machine), naming it and quoting the installer."""
+
+    returncode: int
+    log: str
+
+    def require(self, *, exe: tuple[str, ...] = (), modules: tuple[str, ...] = ()) -> None:
+        importlib.invalidate_caches()  # modules pip-installed during this session
+        missing = [e for e in exe if shutil.which(e) is None]
+        missing += [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            pytest.skip(f"{', '.join(missing)} could not be installed by tests/deploy/install_tools.sh "
+                        f"(exit {self.returncode}): {self.log.strip()[-600:]}")
+
+
+def install_tools() -> Tools:
+    """Run tests/deploy/install_tools.sh once (idempotent: installs only what is missing)."""
+    run = subprocess.run(["bash", str(Path(__file__).with_name("install_tools.sh")), sys.executable],
+                         capture_output=True, text=True, timeout=900)
+    return Tools(run.returncode, run.stdout + run.stderr)
 
 
 def free_port() -> int:

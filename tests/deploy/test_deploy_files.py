@@ -22,6 +22,7 @@ YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 
 @pytest.fixture(scope="module")
 def yaml(tools):
+    tools.require(modules=("yaml",))
     import yaml
 
     return yaml
@@ -42,7 +43,7 @@ def test_yaml_parses(yaml, path):
     assert docs(yaml, path.read_text()), f"{path} holds no YAML document"
 
 
-def test_dashboard_json(tools):
+def test_dashboard_json():
     dash = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)) and dash["uid"] == "conceptlens-overview"
@@ -50,6 +51,7 @@ def test_dashboard_json(tools):
 
 
 def test_promtool_checks_config_and_rules(tools):
+    tools.require(exe=("promtool",))
     promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     out = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")).stdout
     assert re.search(r"SUCCESS: \d+ rules found", out)
@@ -57,6 +59,7 @@ def test_promtool_checks_config_and_rules(tools):
 
 
 def test_kubernetes_scrape_job_is_valid_prometheus_config(yaml, tools, tmp_path):
+    tools.require(exe=("promtool",))
     cm = docs(yaml, (DEPLOY / "k8s" / "base" / "prometheus-scrape-configmap.yaml").read_text())[0]
     jobs = yaml.safe_load(cm["data"]["scrape-job.yml"])
     for job in jobs:  # Debian builds Prometheus without Kubernetes discovery; the relabelling is still checked

@@ -14,7 +14,8 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 @pytest.fixture(scope="module")
 def q(tools):
-    import queries  # needs PyYAML, which the tools fixture installs when missing
+    tools.require(modules=("yaml",))  # queries reads the alert rules with PyYAML
+    import queries
 
     return queries
 

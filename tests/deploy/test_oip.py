@@ -21,6 +21,7 @@ CLIENT = Path(__file__).with_name("oip_client.py")
 @pytest.fixture(scope="module")
 def oip(server, tools, tmp_path_factory):
     """(images, what tritonclient saw) for two random images."""
+    tools.require(modules=("tritonclient.grpc",))
     images = np.random.default_rng(0).random((2, 3, SIZE, SIZE), dtype=np.float32)
     path = tmp_path_factory.mktemp("oip") / "images.npy"
     np.save(path, images)

@@ -41,6 +41,7 @@ def query(base: str, expr: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def prometheus(server, tools, tmp_path_factory):
     """Base URL of a Prometheus scraping `server` every second, with deploy/prometheus/alerts.yml loaded."""
+    tools.require(exe=("prometheus", "promtool"), modules=("yaml",))
     work: Path = tmp_path_factory.mktemp("prometheus")
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", work / "alerts.yml")
     config = work / "prometheus.yml"

@@ -57,7 +57,8 @@ def png(array: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def torchserve(tools, bundle_dir, tmp_path_factory):
-    """(inference URL, management URL, log path) of a running TorchServe with the bundle registered."""
+    """(inference URL, management URL, work dir) of a running TorchServe with the bundle registered."""
+    tools.require(exe=("java",), modules=("ts", "model_archiver"))
     work: Path = tmp_path_factory.mktemp("torchserve")
     store = work / "model-store"
     store.mkdir()
