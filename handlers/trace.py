@@ -92,10 +92,13 @@ def trace_image(
     options: TraceOptions,
     *,
     plausibility_threshold: float = 0.5,
+    means: dict[str, np.ndarray] | None = None,
 ) -> TraceResult:
-    """Trace one image. `image` (C,H,W) in [0,1]; `logits` (K,) and `acts` (layer -> (C,h,w)) from the ONNX pass."""
+    """Trace one image. `image` (C,H,W) in [0,1]; `logits` (K,) and `acts` (layer -> (C,h,w)) from the ONNX pass;
+    `means` (layer -> (C,) spatial means of `acts`) when the caller computed them for a whole batch at once."""
     target = int(np.argmax(logits)) if options.target is None else options.target
-    means = {name: a.reshape(a.shape[0], -1).mean(axis=1) for name, a in acts.items()}
+    if means is None:
+        means = {name: a.reshape(a.shape[0], -1).mean(axis=1) for name, a in acts.items()}
     layers: list[LayerTrace] = []
     x: torch.Tensor | None = None
     for depth_index, layer in enumerate(reversed(options.layers)):  # deepest first, links need the layer below

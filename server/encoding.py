@@ -20,9 +20,10 @@ def class_score(index: int, classes: Sequence[str], logits: np.ndarray, probs: n
                          probability=float(probs[index]))
 
 
-def prediction(logits: np.ndarray, classes: Sequence[str], k: int) -> pb.Prediction:
-    """Top-k classes of one image's logits (K,), best first."""
-    probs = softmax(logits.astype(np.float64))
+def prediction(logits: np.ndarray, classes: Sequence[str], k: int, probs: np.ndarray | None = None
+               ) -> pb.Prediction:
+    """Top-k classes of one image's logits (K,), best first. `probs`: its softmax, when already computed."""
+    probs = softmax(logits.astype(np.float64)) if probs is None else probs
     order = np.argsort(-logits, kind="stable")[:k]
     return pb.Prediction(classes=[class_score(i, classes, logits, probs) for i in order])
 
@@ -37,8 +38,8 @@ def unit(u) -> pb.UnitInfluence:
     return msg
 
 
-def trace(result, logits: np.ndarray, classes: Sequence[str]) -> pb.Trace:
-    probs = softmax(logits.astype(np.float64))
+def trace(result, logits: np.ndarray, classes: Sequence[str], probs: np.ndarray | None = None) -> pb.Trace:
+    probs = softmax(logits.astype(np.float64)) if probs is None else probs
     msg = pb.Trace(
         target=class_score(result.target, classes, logits, probs),
         layers=[pb.LayerTrace(layer=lt.layer, units=[unit(u) for u in lt.units], share=lt.share, method=lt.method)

@@ -45,6 +45,7 @@ class Runners:
         out = self._forward(runtime, [job.images for job in jobs])
         started = time.perf_counter()
         results, start = [], 0
+        means = {name: a.mean(axis=(2, 3)) for name, a in out.activations.items()}  # (N, C), once per batch
         for job in jobs:
             n = len(job.images)
             options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
@@ -52,9 +53,10 @@ class Runners:
                                    candidates=job.candidates)
             traces = []
             for i in range(start, start + n):
-                acts = {layer: out.activations[layer][i] for layer in options.layers}
-                traces.append(trace_image(runtime, job.images[i - start], out.logits[i], acts, options,
-                                          plausibility_threshold=self.threshold))
+                traces.append(trace_image(
+                    runtime, job.images[i - start], out.logits[i],
+                    {layer: out.activations[layer][i] for layer in job.layers}, options,
+                    plausibility_threshold=self.threshold, means={layer: means[layer][i] for layer in job.layers}))
             results.append(ExplainOutput(out.logits[start : start + n], traces))
             start += n
         if any(layer != getattr(runtime.head, "layer", None) for job in jobs for layer in job.layers):

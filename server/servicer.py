@@ -92,9 +92,10 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             )
             out = await self._batcher(runtime.name, "explain").submit(runtime, job, len(images), _deadline(context))
             explanations = []
-            for row, result in zip(out.logits, out.traces, strict=True):
-                explanations.append(pb.Explanation(prediction=encoding.prediction(row, classes, k),
-                                                   trace=encoding.trace(result, row, classes)))
+            probs = encoding.softmax(out.logits.astype("float64"))
+            for row, p, result in zip(out.logits, probs, out.traces, strict=True):
+                explanations.append(pb.Explanation(prediction=encoding.prediction(row, classes, k, p),
+                                                   trace=encoding.trace(result, row, classes, p)))
                 if result.adversarial:
                     self.metrics.adversarial_flags.labels(runtime.name).inc()
                 for unit in result.layers[-1].units:
