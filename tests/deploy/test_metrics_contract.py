@@ -49,3 +49,14 @@ def test_names_follow_prometheus_conventions(q):
     assert all("duration" not in name or name.endswith("_seconds") for name in families)  # base unit in the name
     assert "conceptlens_requests_total" in families  # Counter("conceptlens_requests") is exposed with _total
     assert not any(name.endswith("_total_total") for name in q.exported_names())
+
+
+def test_slo_bucket_bounds_exist(q):
+    """The latency SLO reads one histogram bucket (le="0.25"): it must be one of the server's bucket bounds, or
+    the SLO queries would silently return nothing."""
+    from conceptlens.server.metrics import LATENCY_BUCKETS
+
+    exprs = q.rule_exprs(ALERTS) + q.dashboard_exprs(DASHBOARD)
+    bounds = {float(b) for expr in exprs for b in re.findall(r'le="([0-9.]+)"', expr)}
+    assert bounds, "no SLO bucket referenced"
+    assert bounds <= set(LATENCY_BUCKETS), f"not bucket bounds of conceptlens_request_duration_seconds: {bounds}"
