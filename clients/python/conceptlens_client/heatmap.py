@@ -31,10 +31,10 @@ def overlay(image: Image.Image, unit: pb.UnitInfluence, size: int = PANEL) -> Im
     norm = (values - values.min()) / span if span > 0 else np.zeros_like(values)
     heat = Image.fromarray(_colormap(norm)).resize((size, size), Image.Resampling.BILINEAR)
     panel = Image.blend(base, heat, 0.5)
-    caption = f"{unit.layer}#{unit.unit} {unit.concept or '?'}"
+    caption = f"{unit.layer}#{unit.unit} {unit.concept or 'unlabelled'}"  # ASCII: Pillow's default font
     if unit.concept:
         caption += f" IoU {unit.iou:.2f}"
-    caption += f" Δ{unit.delta:+.2f}"
+    caption += f" d={unit.delta:+.2f}"
     draw = ImageDraw.Draw(panel)
     draw.rectangle((0, size - 14, size, size), fill=(0, 0, 0))
     draw.text((3, size - 13), caption, fill=(255, 255, 255))
