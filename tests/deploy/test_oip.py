@@ -78,3 +78,40 @@ def test_oip_calls_are_counted(oip, server):
     bad = registry.get_sample_value("conceptlens_requests_total",
                                     {"method": "ModelInfer", "model": "small", "code": "INVALID_ARGUMENT"})
     assert bad == 2
+
+
+# --- the tensor checks alone (no server): the typed-contents path tritonclient never takes --------------------
+
+def _request(datatype: str, shape: list[int], **contents) -> object:
+    from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2 as oip_pb
+
+    tensor = oip_pb.ModelInferRequest.InferInputTensor(name="images", datatype=datatype, shape=shape,
+                                                       contents=oip_pb.InferTensorContents(**contents))
+    return oip_pb.ModelInferRequest(model_name="small", inputs=[tensor])
+
+
+def test_decode_input_typed_contents():
+    from conceptlens.server.oip import decode_input
+
+    values = np.linspace(0, 1, 2 * 3 * 4 * 4, dtype=np.float32)
+    images = decode_input(_request("FP32", [2, 3, 4, 4], fp32_contents=values.tolist()), (3, 4, 4), 8)
+    np.testing.assert_array_equal(images, values.reshape(2, 3, 4, 4))
+    uint8 = decode_input(_request("UINT8", [1, 3, 4, 4], uint_contents=[255] * 48), (3, 4, 4), 8)
+    assert uint8.dtype == np.float32 and float(uint8.min()) == 1.0
+
+
+@pytest.mark.parametrize(("datatype", "shape", "contents", "field"), [
+    ("FP32", [1, 3, 4, 4], {"fp32_contents": [0.5] * 47}, "inputs[0].contents.fp32_contents"),
+    ("UINT8", [1, 3, 4, 4], {"uint_contents": [256] * 48}, "inputs[0].contents.uint_contents"),
+    ("FP64", [1, 3, 4, 4], {"fp64_contents": [0.5] * 48}, "inputs[0].datatype"),
+    ("FP32", [9, 3, 4, 4], {"fp32_contents": [0.5] * 432}, "inputs[0].shape"),
+    ("FP32", [1, 4, 4], {"fp32_contents": [0.5] * 16}, "inputs[0].shape"),
+    ("FP32", [1, 3, 4, 4], {"fp32_contents": [float("nan")] * 48}, "inputs[0]"),
+])
+def test_decode_input_refusals_name_the_field(datatype, shape, contents, field):
+    from conceptlens.handlers.errors import InvalidInput
+    from conceptlens.server.oip import decode_input
+
+    with pytest.raises(InvalidInput) as err:
+        decode_input(_request(datatype, shape, **contents), (3, 4, 4), 8)
+    assert err.value.field == field
