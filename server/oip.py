@@ -12,6 +12,7 @@ name (ServerLive, ModelInfer, ...): the metrics interceptor only measures the Co
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,9 @@ def _measured(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
         code = grpc.StatusCode.OK
         try:
             return await fn(self, request, context)
+        except asyncio.CancelledError:  # the caller went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as err:
             code = errors.status_for(err)
             await errors.abort(context, err, method)
