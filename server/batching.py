@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P")  # one request's payload
 R = TypeVar("R")  # one request's result
-# fn(key, payloads) -> one result per payload, in order. Runs on an executor thread. `key` groups requests that
+# fn(key, payloads) -> one result per payload, in order (an exception instance as a result fails only that
+# caller). Runs on an executor thread. `key` groups requests that
 # may share a batch (the model runtime they resolved to: versions never mix).
 BatchFn = Callable[[Any, Sequence[P]], Sequence[R]]
 
@@ -151,5 +152,9 @@ class Batcher(Generic[P, R]):
                             item.future.set_exception(err)
                     continue
                 for item, result in zip(items, results, strict=True):
-                    if not item.future.done():
+                    if item.future.done():
+                        continue
+                    if isinstance(result, BaseException):  # one caller's own failure (e.g. its deadline)
+                        item.future.set_exception(result)
+                    else:
                         item.future.set_result(result)

@@ -29,6 +29,7 @@ class Limits:
     max_pixels: int = 4096 * 4096  # decoded image area; headers claiming more are refused before decoding
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC receive limit; larger messages get RESOURCE_EXHAUSTED
     max_candidates: int = 128  # hidden-layer exact re-runs per layer
+    max_links: int = 256  # multi-layer traces: units given contributors per image (top_k_units^1 + ... ^(depth-1))
     max_probe_steps: int = 200
 
 

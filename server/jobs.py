@@ -19,3 +19,4 @@ class ExplainJob:
     map_size: int
     depth: int
     candidates: int
+    deadline: float | None = None  # time.monotonic(); checked between images, as hidden-layer traces take long

@@ -12,6 +12,7 @@ import numpy as np
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image
 
+from .errors import DeadlineExpired
 from .jobs import ExplainJob
 from .metrics import Metrics
 
@@ -40,25 +41,35 @@ class Runners:
         logits = self._forward(runtime, payloads).logits
         return np.split(logits, np.cumsum([len(p) for p in payloads])[:-1])
 
-    def explain(self, runtime: ModelRuntime, jobs: Sequence[ExplainJob]) -> list[ExplainOutput]:
-        """One ONNX pass for the whole batch, then each image's trace with its request's options."""
+    def explain(self, runtime: ModelRuntime, jobs: Sequence[ExplainJob]) -> list[ExplainOutput | DeadlineExpired]:
+        """One ONNX pass for the whole batch, then each image's trace with its request's options. A job whose
+        deadline passes between images gets DeadlineExpired as its result (the batcher raises it to its caller)."""
         out = self._forward(runtime, [job.images for job in jobs])
         started = time.perf_counter()
         results, start = [], 0
         means = {name: a.mean(axis=(2, 3)) for name, a in out.activations.items()}  # (N, C), once per batch
         for job in jobs:
             n = len(job.images)
-            options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
-                                   include_maps=job.include_maps, map_size=job.map_size, depth=job.depth,
-                                   candidates=job.candidates)
-            traces = []
-            for i in range(start, start + n):
-                traces.append(trace_image(
-                    runtime, job.images[i - start], out.logits[i],
-                    {layer: out.activations[layer][i] for layer in job.layers}, options,
-                    plausibility_threshold=self.threshold, means={layer: means[layer][i] for layer in job.layers}))
-            results.append(ExplainOutput(out.logits[start : start + n], traces))
+            try:
+                results.append(self._trace_job(runtime, job, out, means, start))
+            except DeadlineExpired as err:  # this caller's deadline only: the batch's other jobs go on
+                results.append(err)
             start += n
         if any(layer != getattr(runtime.head, "layer", None) for job in jobs for layer in job.layers):
             self.metrics.inference.labels(runtime.name, "torch").observe(time.perf_counter() - started)
         return results
+
+    def _trace_job(self, runtime: ModelRuntime, job: ExplainJob, out, means, start: int) -> ExplainOutput:
+        n = len(job.images)
+        options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
+                               include_maps=job.include_maps, map_size=job.map_size, depth=job.depth,
+                               candidates=job.candidates)
+        traces = []
+        for i in range(start, start + n):
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                raise DeadlineExpired(f"deadline passed while tracing image {i - start} of {n}")
+            traces.append(trace_image(
+                runtime, job.images[i - start], out.logits[i],
+                {layer: out.activations[layer][i] for layer in job.layers}, options,
+                plausibility_threshold=self.threshold, means={layer: means[layer][i] for layer in job.layers}))
+        return ExplainOutput(out.logits[start : start + n], traces)

@@ -79,18 +79,23 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             k = validation.top_k(request.top_k_classes, len(classes), "top_k_classes")
             layers = validation.layers(list(request.layers), runtime.layer_order)
             units = min(runtime.layer(name).units for name in layers)
+            top_k_units = validation.top_k(request.top_k_units, units, "top_k_units")
+            depth = validation.depth(request.depth, len(layers))
+            validation.link_work(top_k_units, depth, self.limits.max_links)
             images = await self._images(request.images, runtime, self.limits.max_images)
+            deadline = _deadline(context)
             job = ExplainJob(
                 images=images,
                 layers=tuple(layers),
-                top_k_units=validation.top_k(request.top_k_units, units, "top_k_units"),
+                top_k_units=top_k_units,
                 target=validation.target_class(request.target_class, classes),
                 include_maps=request.include_maps,
                 map_size=validation.map_size(request.map_size, runtime.input_size),
-                depth=validation.depth(request.depth, len(layers)),
+                depth=depth,
                 candidates=validation.candidates(request.candidates, self.limits.max_candidates),
+                deadline=deadline,
             )
-            out = await self._batcher(runtime.name, "explain").submit(runtime, job, len(images), _deadline(context))
+            out = await self._batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
             explanations = []
             probs = encoding.softmax(out.logits.astype("float64"))
             for row, p, result in zip(out.logits, probs, out.traces, strict=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from conceptlens.handlers.errors import InvalidInput, UnknownName
+from conceptlens.handlers.errors import InvalidInput, QueueFull, UnknownName
 
 DEFAULT_TOP_K = 5
 DEFAULT_CANDIDATES = 32
@@ -110,3 +110,13 @@ def page(page_size: int, page_token: str) -> tuple[int, int]:
     if not page_token.isdigit() or len(page_token) > 9:
         raise InvalidInput("page_token", "malformed; pass back a next_page_token unchanged")
     return int(page_token), page_size
+
+
+def link_work(top_k_units: int, depth: int, cap: int) -> int:
+    """Units that get contributor links per image: k + k^2 + ... + k^(depth-1). Over `cap` the request is
+    refused with QueueFull (RESOURCE_EXHAUSTED): it is valid, the server just will not do that much work."""
+    work = sum(top_k_units**level for level in range(1, depth))
+    if work > cap:
+        raise QueueFull(f"depth {depth} with top_k_units {top_k_units} links {work} units per image, over the "
+                        f"server's cap of {cap}; lower depth or top_k_units")
+    return work

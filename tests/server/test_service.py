@@ -251,6 +251,9 @@ BAD_REQUESTS = [
     ("oversize message", "Predict", pb.PredictRequest(model="small", images=[pb.Image(encoded=b"\x89" * (2 << 20))]),
      "RESOURCE_EXHAUSTED", ""),
     ("negative page", "ListModels", pb.ListModelsRequest(page_size=-1), "INVALID_ARGUMENT", "page_size"),
+    ("too much linking", "Explain", pb.ExplainRequest(model="small", images=[GOOD], top_k_units=20, depth=3,
+                                                       layers=["layer1", "layer2", "layer3"]), "RESOURCE_EXHAUSTED",
+     "links 420 units per image, over the server's cap of 256"),
     ("probe not built yet", "Probe", pb.ProbeRequest(model="small", images=[GOOD]), "UNIMPLEMENTED", "Probe"),
     ("bad version", "GetModel", pb.GetModelRequest(model="small", version=-1), "INVALID_ARGUMENT", "version"),
 ]
@@ -362,3 +365,27 @@ def test_slow_explain_does_not_hold_up_predict(served):
             assert client.predict([x[0]], "small").predictions
         assert not slow.done(), "Predict waited for the Explain in flight"
         assert len(slow.result().explanations) == 4
+
+
+def test_explain_job_past_its_deadline_stops_between_images_alone(served):
+    """The runner checks each job's deadline between images; a late job fails alone, its batch-mates finish."""
+    from conceptlens.server.errors import DeadlineExpired
+    from conceptlens.server.jobs import ExplainJob
+
+    server, _ = served
+    runtime = server.repository.resolve("small")
+    x = images(2, seed=6)
+    late = ExplainJob(x, ("layer3",), 3, None, False, 0, 1, 8, deadline=time.monotonic() - 1)
+    fine = ExplainJob(x, ("layer3",), 3, None, False, 0, 1, 8, deadline=None)
+    out_late, out_fine = server.servicer.runners.explain(runtime, [late, fine])
+    assert isinstance(out_late, DeadlineExpired) and "deadline passed while tracing image 0 of 2" in str(out_late)
+    assert len(out_fine.traces) == 2
+
+
+def test_client_deadline_on_a_slow_explain(served):
+    _, client = served
+    with pytest.raises(ServiceError) as info:
+        client.explain(list(images(4, seed=7)), "small", layers=["layer1", "layer2", "layer3"], depth=3,
+                       top_k_units=4, timeout=0.05)
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert client.predict([images(1)[0]], "small").predictions  # and it keeps serving

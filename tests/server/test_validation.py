@@ -52,6 +52,14 @@ def test_bad_values_name_field_and_problem(call, field, problem):
     assert info.value.field == field and problem in info.value.problem
 
 
+def test_link_work_is_capped():
+    from conceptlens.handlers.errors import QueueFull
+
+    assert v.link_work(5, 1, 10) == 0 and v.link_work(5, 3, 30) == 30
+    with pytest.raises(QueueFull, match="links 30 units per image, over the server's cap of 29"):
+        v.link_work(5, 3, 29)
+
+
 def test_unknown_layer_is_not_found_listing_valid_ones():
     with pytest.raises(UnknownName, match=r"unknown layer 'x'; valid: a, b"):
         v.layers(["x"], ["a", "b"])
