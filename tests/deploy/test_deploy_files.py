@@ -153,8 +153,11 @@ def test_dockerfile(name):
             assert (ROOT / source).exists(), f"{name} copies {source}, which does not exist"
 
 
-def test_healthcheck_script_against_a_real_server(server):
+@pytest.mark.slow
+def test_healthcheck_script_against_the_served_process(cli_server):
+    """The image's HEALTHCHECK command against `conceptlens serve` run with the image's flags."""
     script = DEPLOY / "healthcheck.py"
+    server = cli_server
 
     def check(*args: str) -> int:
         return subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=60).returncode

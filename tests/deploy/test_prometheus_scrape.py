@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's package) on loopback scrapes a real ConceptLens server's --metrics-port; the
+"""A real Prometheus (Debian's package) on loopback scrapes `conceptlens serve --metrics-port` (its own process); the
 `conceptlens_` series are read back through Prometheus' HTTP API, the deploy alert rules load into it, and every
 dashboard expression runs on its PromQL engine."""
 
@@ -39,8 +39,8 @@ def query(base: str, expr: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(server, tools, tmp_path_factory):
-    """Base URL of a Prometheus scraping `server` every second, with deploy/prometheus/alerts.yml loaded."""
+def prometheus(cli_server, tools, tmp_path_factory):
+    """Base URL of a Prometheus scraping the served process every second, with deploy/prometheus/alerts.yml loaded."""
     tools.require(exe=("prometheus", "promtool"), modules=("yaml",))
     work: Path = tmp_path_factory.mktemp("prometheus")
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", work / "alerts.yml")
@@ -50,7 +50,7 @@ def prometheus(server, tools, tmp_path_factory):
         "rule_files: [alerts.yml]\n"
         "scrape_configs:\n"
         "  - job_name: conceptlens\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{server.metrics_port}']}}]\n")
+        f"    static_configs: [{{targets: ['127.0.0.1:{cli_server.metrics_port}']}}]\n")
     subprocess.run(["promtool", "check", "config", str(config)], check=True, capture_output=True)
     port = free_port()
     log = (work / "prometheus.log").open("w")
@@ -73,11 +73,11 @@ def prometheus(server, tools, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def traffic(server, prometheus):
+def traffic(cli_server, prometheus):
     """Real calls, so requests, latency, batching, inference time and concept hits have samples. One round goes
     in before Prometheus scrapes it and the rest after: a series' first sample is no increase to `rate()`."""
     images = list(np.random.default_rng(1).random((2, 3, SIZE, SIZE), dtype=np.float32))
-    with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+    with Client(f"127.0.0.1:{cli_server.port}", timeout=120) as client:
         for round_ in range(2):
             for _ in range(CALLS["Predict"] - 1 if round_ else 1):
                 client.predict(images[:1], "small")
