@@ -92,14 +92,17 @@ def zoo_capture(model, layer):
     return capture(model, [layer], detach=True)
 
 
-@pytest.mark.parametrize("layer", ["layer1", "layer3"])
-def test_streaming_dissection_matches_exact_in_memory_computation(layer):
+@pytest.mark.parametrize(("layer", "cache"), [("layer1", False), ("layer3", True)])
+def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, tmp_path):
     torch.manual_seed(0)
     data = ShapesWorld(40, size=SIZE, seed=2, with_masks=True)
     model = zoo.build_model("small_cnn", data.classes, input_size=SIZE).eval()
     q = 0.005
     # layer1 gives 40·16·16 = 10240 values per unit: more than k, so the sketch compacts (the top stays exact).
-    result = dissect(model, data, DissectConfig(layers=(layer,), batch_size=7, sketch_k=4096, quantile=q))
+    # With `cache`, pass 2 reads pass 1's activations back from disk instead of running the model again.
+    result = dissect(model, data, DissectConfig(layers=(layer,), batch_size=7, sketch_k=4096, quantile=q,
+                                                cache_dir=str(tmp_path) if cache else None))
+    assert list(tmp_path.iterdir()) == []  # the cache cleans up after itself
     thresholds, iou = _exact(model, data, layer, q)
     got = result.layers[layer]
     torch.testing.assert_close(got.thresholds, thresholds, rtol=0, atol=1e-6)

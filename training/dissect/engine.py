@@ -11,10 +11,13 @@ Everything stays on the model's device and nothing grows with the number of imag
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -50,6 +53,7 @@ class DissectConfig:
     seed: int = 0
     num_workers: int = 0
     max_images: int | None = None
+    cache_dir: str | None = None  # spill pass-1 activations here so pass 2 skips the forward (disk grows, RAM not)
 
 
 @dataclass
@@ -134,10 +138,11 @@ def dissect(
     categories, concept_cat = concept_table(concepts)
     classes = list(model.classes)
     device = next(model.parameters()).device
-    with eval_mode(model):
-        stats = _first_pass(model, dataset, config, layers, concepts, classes, device)
-        result = _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat, classes,
-                              affinity)
+    with eval_mode(model), _ActivationCache(config.cache_dir, layers) as cache:
+        stats = _first_pass(model, dataset, config, layers, concepts, classes, device, cache)
+        cache.rewind()
+        result = _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat,
+                              classes, affinity, cache)
     return result
 
 
@@ -155,7 +160,7 @@ class _Stats:
     labelled: bool = False
 
 
-def _first_pass(model, dataset, config, layers, concepts, classes, device) -> _Stats:
+def _first_pass(model, dataset, config, layers, concepts, classes, device, cache) -> _Stats:
     num_ids = max(c.id for c in concepts) + 1
     stats = _Stats({}, {}, {}, {}, {}, {}, torch.zeros(len(classes), dtype=torch.float64, device=device),
                    torch.zeros(num_ids, len(classes), dtype=torch.float64, device=device))
@@ -163,6 +168,7 @@ def _first_pass(model, dataset, config, layers, concepts, classes, device) -> _S
         images, labels, masks = unpack(batch)
         images = images.to(device)
         _, acts = _forward(model, layers, images)
+        cache.write(acts)
         for name in layers:
             a = acts[name]
             if a.dim() != 4:
@@ -200,12 +206,62 @@ def _first_pass(model, dataset, config, layers, concepts, classes, device) -> _S
     return stats
 
 
+class _ActivationCache:
+    """Pass-1 activations written sequentially to one raw float32 file per layer and read back in the same
+    order in pass 2, as NetDissect-Lite caches features. Plain file I/O (not mmap), so the resident memory stays
+    that of one batch; the files are deleted on exit. Disabled (a no-op) without a directory."""
+
+    def __init__(self, directory: str | None, layers: Sequence[str]) -> None:
+        self.enabled = directory is not None
+        self.layers = list(layers)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.paths: dict[str, Path] = {}
+        self.files: dict[str, Any] = {}
+        if self.enabled:
+            root = Path(directory)
+            root.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="dissect-", dir=root)
+            self.paths = {n: Path(self._tmp.name) / f"{i}.f32" for i, n in enumerate(self.layers)}
+            self.files = {n: open(p, "wb") for n, p in self.paths.items()}  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self) -> _ActivationCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fh in self.files.values():
+            fh.close()
+        if self.enabled:
+            self._tmp.cleanup()
+
+    def write(self, acts: Mapping[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        for name in self.layers:
+            a = acts[name].detach().float().contiguous()
+            self.shapes[name] = tuple(a.shape[1:])
+            self.files[name].write(a.cpu().numpy().tobytes())
+
+    def rewind(self) -> None:
+        if self.enabled:
+            for name, fh in self.files.items():
+                fh.close()
+                self.files[name] = open(self.paths[name], "rb")  # noqa: SIM115 - closed in __exit__
+
+    def read(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.layers:
+            shape = (batch, *self.shapes[name])
+            data = self.files[name].read(4 * int(np.prod(shape)))
+            out[name] = torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy()).to(device)
+        return out
+
+
 def _target_classes(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels.cpu() + shift) % num_classes
 
 
-def _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat, classes, affinity):
+def _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat, classes, affinity, cache):
     device = next(model.parameters()).device
     n_cls = len(classes)
     thresholds = {name: stats.sketches[name].quantile(1 - config.quantile).to(device) for name in layers}
@@ -233,10 +289,11 @@ def _second_pass(model, dataset, config, layers, stats, concepts, categories, co
         images = images.to(device)
         ids = torch.arange(start, start + images.shape[0], device=device)
         cls = labels.to(device) if labels is not None else torch.zeros_like(ids)
-        _, acts = _forward(model, layers, images)
+        acts = cache.read(images.shape[0], device) if cache.enabled else _forward(model, layers, images)[1]
+        prepared = acc[layers[0]].prepare(masks, device)  # label statistics shared by every layer
         for name in layers:
             a = acts[name]
-            acc[name].update(a, masks)
+            acc[name].update(a, masks, prepared)
             pools[name].update(a.amax((2, 3)), ids, cls)
             if labels is not None:
                 lo, hi = stats.gap_min[name], stats.gap_max[name]
@@ -253,7 +310,7 @@ def _second_pass(model, dataset, config, layers, stats, concepts, categories, co
             _, adv_acts = _forward(model, layers, res.adv.detach())
             for name in layers:
                 a = adv_acts[name]
-                adv_acc[name].update(a, masks)
+                adv_acc[name].update(a, masks, prepared)
                 adv_pools[name].update(a.amax((2, 3)), ids, cls)
                 r = representation_ratio(a.flatten(1).double(), means[name][cls], means[name][target])
                 r_sum[name] += float(r.sum())

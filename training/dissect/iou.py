@@ -4,13 +4,14 @@ For unit k and concept c (design.md §5): M_k(x) = bilinear_upsample(A_k(x)) > T
 IoU_{k,c} = Σ_x |M_k(x) ∩ L_c(x)| / Σ_x |M_k(x) ∪ L_c(x)|. As in NetDissect, an image counts towards a concept's
 union only if its category is annotated in that image (any non-zero pixel in the category's mask): a scene label
 missing from half of Broden must not count as a miss there. On ShapesWorld every category is annotated in every
-image, so this is exactly the formula above. Intersections are one matmul per category:
-(units × pixels) @ (pixels × concepts of the category), accumulated in float64 so counts stay exact.
+image, so this is exactly the formula above. Counts are accumulated in float64 so they stay exact; see
+`IoUAccumulator.update` for why only maps whose maximum exceeds T_k are upsampled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,21 @@ _CHUNK_ELEMENTS = 1 << 22  # upsampled unit maps held at once (units × images �
 
 
 def unit_masks(acts: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor) -> torch.Tensor:
-    """M_k = upsample(A_k) > T_k: acts (B,K,h,w), thresholds (K,) -> bool (B,K,H,W)."""
+    """M_k = upsample(A_k) > T_k: acts (B,K,h,w), thresholds (K,) -> bool (B,K,H,W).
+
+    With K = 1 (one map per row) `thresholds` may instead hold one threshold per row: shape (B,).
+    """
     up = F.interpolate(acts.float(), size=size, mode="bilinear", align_corners=False)
-    return up > thresholds.to(up.device).view(1, -1, 1, 1)
+    t = thresholds.to(up.device)
+    t = t.view(-1, 1, 1, 1) if acts.shape[1] == 1 and t.numel() == acts.shape[0] else t.view(1, -1, 1, 1)
+    return up > t
+
+
+@dataclass
+class PreparedMasks:
+    labels: dict[str, torch.Tensor]  # category -> (B,H,W) on the activations' device
+    annotated: torch.Tensor  # (B, categories present) bool
+    label_pixels: torch.Tensor  # (num_concepts,) float64 pixel counts of this batch
 
 
 class IoUAccumulator:
@@ -40,51 +53,65 @@ class IoUAccumulator:
         device = self.thresholds.device
         self.concept_category = torch.as_tensor(list(concept_category), dtype=torch.long, device=device)
         self.num_concepts = int(self.concept_category.numel())
-        # Per category: the global ids that belong to it, and a lookup global id -> local column (-1 elsewhere).
-        self._ids: dict[str, torch.Tensor] = {}
-        self._local: dict[str, torch.Tensor] = {}
-        for i, cat in enumerate(self.categories):
-            ids = torch.nonzero(self.concept_category == i).flatten()
-            ids = ids[ids != 0]
-            local = torch.zeros(self.num_concepts, dtype=torch.long, device=device)  # 0 = not in this category
-            local[ids] = torch.arange(1, len(ids) + 1, device=device)
-            self._ids[cat], self._local[cat] = ids, local
         self.intersection = torch.zeros(self.units, self.num_concepts, dtype=torch.float64, device=device)
         self.label_pixels = torch.zeros(self.num_concepts, dtype=torch.float64, device=device)
         self.mask_pixels = torch.zeros(self.units, len(self.categories), dtype=torch.float64, device=device)
         self.images = 0
 
-    def update(self, acts: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> None:
-        """acts (B,K,h,w) on any device; masks: category -> (B,H,W) int64 global concept ids (0 = none)."""
+    def prepare(self, masks: Mapping[str, torch.Tensor], device: torch.device) -> PreparedMasks:
+        """Per-batch label statistics, computed once and shared by every layer's accumulator."""
+        present = [cat for cat in self.categories if cat in masks]
+        labels = {cat: masks[cat].to(device) for cat in present}
+        annotated = torch.stack([(labels[cat] != 0).flatten(1).any(1) for cat in present], 1)  # (B, cats)
+        pixels = torch.zeros(self.num_concepts, dtype=torch.float64, device=device)
+        for cat in present:
+            ids = labels[cat].flatten().clamp(0, self.num_concepts - 1)
+            counts = torch.bincount(ids, minlength=self.num_concepts)[: self.num_concepts].double()
+            pixels += counts * (self.concept_category == self.categories.index(cat)).double()
+        pixels[0] = 0
+        return PreparedMasks(labels, annotated, pixels)
+
+    def update(
+        self, acts: torch.Tensor, masks: Mapping[str, torch.Tensor], prepared: PreparedMasks | None = None
+    ) -> None:
+        """acts (B,K,h,w) on any device; masks: category -> (B,H,W) int64 global concept ids (0 = none).
+
+        Sparse and exact: bilinear upsampling is a convex combination of the 4 nearest cells, so a map whose
+        maximum is ≤ T_k has an empty M_k. Only (image, unit) maps with max > T_k are upsampled, and only their
+        True pixels are counted (one index_put_ per category), so the cost follows the ~q share of active maps
+        rather than units × pixels × concepts.
+        """
         if acts.dim() != 4 or acts.shape[1] != self.units:
             raise InvalidInput("acts", f"expected (B, {self.units}, h, w), got {tuple(acts.shape)}")
         present = [cat for cat in self.categories if cat in masks]
         if not present:
             raise InvalidInput("masks", f"none of the categories {self.categories} in {sorted(masks)}")
-        size = tuple(masks[present[0]].shape[-2:])
-        batch, pixels = acts.shape[0], size[0] * size[1]
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.units * pixels))
-        for start in range(0, batch, step):
-            sl = slice(start, start + step)
-            m = unit_masks(acts[sl], size, self.thresholds)  # (b,K,H,W) bool
-            b = m.shape[0]
-            flat = m.permute(1, 0, 2, 3).reshape(self.units, b * pixels).float()
-            per_image = m.flatten(2).sum(2).double()  # (b,K) mask pixels per image
+        device = acts.device
+        prepared = prepared or self.prepare(masks, device)
+        labels, annotated = prepared.labels, prepared.annotated
+        size = tuple(labels[present[0]].shape[-2:])
+        self.label_pixels += prepared.label_pixels
+        cat_cols = torch.tensor([self.categories.index(cat) for cat in present], device=device)
+        active = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).nonzero()  # (n, 2): (image, unit) pairs
+        pixels = size[0] * size[1]
+        step = max(1, _CHUNK_ELEMENTS // pixels)
+        for start in range(0, active.shape[0], step):
+            b_idx, k_idx = active[start : start + step].unbind(1)
+            maps = acts[b_idx, k_idx].unsqueeze(1)  # (n,1,h,w)
+            m = unit_masks(maps, size, self.thresholds[k_idx]).squeeze(1)  # (n,H,W): thresholds per row
+            per_map = m.flatten(1).sum(1).double()  # |M_k(x)| for each selected pair
+            self.mask_pixels[:, cat_cols] += torch.zeros(
+                self.units, len(present), dtype=torch.float64, device=device
+            ).index_add_(0, k_idx, per_map.unsqueeze(1) * annotated[b_idx].double())
+            sel, ys, xs = m.nonzero(as_tuple=True)
+            if sel.numel() == 0:
+                continue
+            units, images = k_idx[sel], b_idx[sel]
+            ones = torch.ones(sel.numel(), dtype=torch.float64, device=device)
             for cat in present:
-                self._update_category(cat, flat, per_image, masks[cat][sl].to(acts.device))
-        self.images += batch
-
-    def _update_category(self, cat: str, flat: torch.Tensor, per_image: torch.Tensor, labels: torch.Tensor) -> None:
-        ids = self._ids[cat]
-        annotated = (labels != 0).flatten(1).any(1)  # (b,)
-        ci = self.categories.index(cat)
-        self.mask_pixels[:, ci] += (per_image * annotated.unsqueeze(1)).sum(0)
-        if len(ids) == 0:
-            return
-        local = self._local[cat][labels.clamp(0, self.num_concepts - 1).flatten()]  # (b·P,) local ids, 0 = other
-        onehot = F.one_hot(local, len(ids) + 1)[:, 1:].float()  # (b·P, C_cat)
-        self.intersection[:, ids] += (flat @ onehot).double()
-        self.label_pixels[ids] += onehot.sum(0).double()
+                concept = labels[cat][images, ys, xs].clamp(0, self.num_concepts - 1)
+                self.intersection.index_put_((units, concept), ones, accumulate=True)
+        self.images += acts.shape[0]
 
     def union(self) -> torch.Tensor:
         cat_of = self.concept_category.clamp(min=0)
