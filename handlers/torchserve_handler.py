@@ -10,8 +10,8 @@ TorchServe unpacks the archive into `model_dir`; `initialize` loads it with `loa
 ONNX-vs-torch check, exactly as the gRPC server does) and builds the same `ModelRuntime`. Each request body is
 one PNG or JPEG image; the answer is JSON: {"model", "version", "prediction": {"classes": [...]},
 "trace": {"target", "layers", "plausibility", "adversarial", "summary"}}: the field names of the proto's
-Explanation. A request that is not a decodable image gets HTTP 400 with the reason; the others in its batch
-are answered normally.
+Explanation; TorchServe's /explanations endpoint answers the same. A request that is not a decodable image gets
+HTTP 400 with the reason; the others in its batch are answered normally.
 
 TorchServe is not a dependency of ConceptLens: the base class is imported when available, so this module (and
 its pure helpers) import without it.
@@ -100,6 +100,11 @@ class ConceptLensHandler(BaseHandler):
                                 plausibility_threshold=self.threshold)
             results[i] = explanation(runtime, out.logits[row], trace)
         return results
+
+    def explain_handle(self, data_preprocess: list[np.ndarray | InvalidInput], raw_data: Any) -> list[dict]:
+        """TorchServe's /explanations API: the same prediction + trace (our explanation is the trace; the base
+        class would call Captum through `get_insights`)."""
+        return self.postprocess(self.inference(data_preprocess))
 
     def postprocess(self, data: list[dict | InvalidInput]) -> list[dict]:
         """JSON per request; refused ones get HTTP 400 with the reason."""

@@ -134,6 +134,23 @@ def test_prediction_and_trace(torchserve, bundle_dir):
     assert trace["summary"].startswith(classes[0]["label"])
 
 
+def test_explanations_endpoint_gives_the_trace(torchserve):
+    inference, _, work = torchserve
+    pixels = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    status, body = http("POST", f"{inference}/explanations/small", png(pixels))
+    assert status == 200, f"{status} {body}\n{_tail(work)}"
+    explained = json.loads(body)
+    status, body = http("POST", f"{inference}/predictions/small", png(pixels))
+    predicted = json.loads(body)
+    assert set(explained) == {"model", "version", "prediction", "trace"}
+    assert [c["label"] for c in explained["prediction"]["classes"]] == \
+        [c["label"] for c in predicted["prediction"]["classes"]]
+    np.testing.assert_allclose([c["logit"] for c in explained["prediction"]["classes"]],
+                               [c["logit"] for c in predicted["prediction"]["classes"]], atol=1e-5)
+    assert [[u["unit"] for u in layer["units"]] for layer in explained["trace"]["layers"]] == \
+        [[u["unit"] for u in layer["units"]] for layer in predicted["trace"]["layers"]]
+
+
 def test_bad_image_is_a_400_with_the_reason(torchserve):
     inference, _, _ = torchserve
     status, body = http("POST", f"{inference}/predictions/small", b"definitely not an image")
