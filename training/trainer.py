@@ -230,6 +230,7 @@ class _Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.position = checkpoint.Position()
+        self.last_eval: dict[str, Any] = {}  # the latest validation result (run.json reports it)
 
     # --- files (rank 0 only) -----------------------------------------------------------------------------
 
@@ -247,6 +248,7 @@ class _Trainer:
                 payload, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, rank=self.env.rank,
             )
+            self.last_eval = payload["extra"].get("last_eval", {})
             log.info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.position.step,
                      self.position.epoch, self.position.batch)
             if self.env.is_main:
@@ -280,7 +282,7 @@ class _Trainer:
             checkpoint.save(
                 self.out / checkpoint.CHECKPOINT_DIR / checkpoint.LAST, model=self.model,
                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                position=self.position, rng_states=states,
+                position=self.position, rng_states=states, extra={"last_eval": self.last_eval},
             )
 
     # --- the loop ----------------------------------------------------------------------------------------
@@ -291,11 +293,10 @@ class _Trainer:
         cfg = self.config
         log.info("training %s (%s) on %s, %d process(es), %d steps/epoch", cfg.model.arch, cfg.regime,
                  self.device, self.env.world_size, self.steps_per_epoch)
-        last_eval: dict[str, Any] = {}
         while self.position.epoch < cfg.run.epochs:
-            last_eval = self._epoch()
+            self.last_eval = self._epoch()
         if self.env.is_main:
-            self._finish(last_eval)
+            self._finish(self.last_eval)
         distributed.barrier(self.env)
         return self.out
 
@@ -305,18 +306,19 @@ class _Trainer:
         self.loader.generator.manual_seed(cfg.run.seed + pos.epoch)  # worker seeds: a function of the epoch
         self.sampler.set_start(pos.batch * self.rank_batch)
         self.model.train()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         bar = tqdm(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg.run.epochs}",
                    disable=not (cfg.run.progress and self.env.is_main), leave=False)
         for images, labels in self.loader:
             if pos.batch >= self.steps_per_epoch:
                 break
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             terms = self._step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             bar.update()
             if pos.step % cfg.run.log_every == 0:
                 values = distributed.all_reduce_mean(terms.detach().to(torch.float64), self.env).tolist()
-                record = {"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": self.scheduler.get_last_lr()[0]}
+                record = {"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr}
                 record.update(zip(self._term_names, values, strict=True))
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 self._log(record)
@@ -325,9 +327,11 @@ class _Trainer:
                 self._checkpoint()  # the end-of-epoch checkpoint covers the last batch
         bar.close()
         train_seconds = time.perf_counter() - started
-        result = self._validate()
+        cpu_seconds = time.process_time() - cpu_started  # this process, all threads: robust to a busy machine
+        result = self.last_eval = self._validate()
         pos.epoch, pos.batch = pos.epoch + 1, 0
         record = {"kind": "epoch", "step": pos.step, "epoch": pos.epoch, "train_seconds": train_seconds,
+                  "train_cpu_seconds": cpu_seconds,
                   "clean_accuracy": result["clean_accuracy"], "robust_accuracy": result["robust_accuracy"],
                   "robust_eps": self.config.eval_eps, "robust_steps": self.config.eval.steps}
         self._log(record)

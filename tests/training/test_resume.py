@@ -73,6 +73,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path: Path) -> N
     ref_steps, got_steps = _step_records(reference), _step_records(crashed)
     assert [r["step"] for r in got_steps] == list(range(1, TOTAL_STEPS + 1))
     assert got_steps == ref_steps
+    ref_meta, got_meta = (json.loads((r / "run.json").read_text()) for r in (reference, crashed))
+    assert got_meta["metrics"] == ref_meta["metrics"] and got_meta["steps"] == TOTAL_STEPS
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
