@@ -72,7 +72,8 @@ def torchserve(tools, bundle_dir, tmp_path_factory):
     config = work / "config.properties"
     config.write_text(config_properties(DEPLOY / "torchserve" / "config.properties", {
         **{f"{name}_address": f"http://127.0.0.1:{port}" for name, port in ports.items()},
-        "model_store": str(store), "load_models": "", "vmargs": "-Xmx512m -XX:+UseSerialGC"}))
+        "model_store": str(store), "load_models": "",
+        "vmargs": f"-Xmx512m -XX:+UseSerialGC -Djava.io.tmpdir={work / 'tmp'}"}))  # unpacked archives stay in work
     (work / "tmp").mkdir()
     # TorchServe keeps its pid file in the temp dir and its logs in the working directory: both stay in `work`,
     # so this instance cannot collide with another one on the machine.
