@@ -39,13 +39,15 @@ def evaluate(
     robust_n: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    random_start: bool = True,
     env: DistEnv | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of `model` (an ImageClassifier taking [0,1] images) on `dataset`, clean and under PGD-`steps`.
 
     With several processes each rank evaluates its own shard and the counts are summed, so every rank returns
-    the same result. `robust_n=0` or `steps=0` skips the attack.
+    the same result. `robust_n=0` or `steps=0` skips the attack. `random_start=False` starts PGD at the clean
+    images (deterministic whatever the batching, e.g. to compare with a service probe).
     """
     env = env or DistEnv()
     device = next(model.parameters()).device
@@ -64,7 +66,7 @@ def evaluate(
         from conceptlens.handlers.attacks.pgd import PGD
 
         size = step_size if step_size is not None else default_step_size(eps, steps)
-        attack = PGD(model, eps=eps, alpha=size, steps=steps, norm=norm, random_start=True)
+        attack = PGD(model, eps=eps, alpha=size, steps=steps, norm=norm, random_start=random_start)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         done = 0

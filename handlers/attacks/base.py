@@ -112,6 +112,9 @@ class Attack:
     model: Predict
     eps: Eps
     targeted: bool = False
+    # Optional hook called with the step index before every step of the shared loop (`loop.iterate`); it may
+    # raise to abandon the attack, e.g. when a caller's deadline passes. Set it on an instance after building.
+    callback: Callable[[int], None] | None = None
 
     def __init__(self, model: Predict, eps: Eps, *, targeted: bool = False) -> None:
         check_eps(eps)

@@ -31,4 +31,5 @@ class FGSM(Attack):
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         eps = per_sample(self.eps, images)
         step = make_step(self.norm, eps, eps)
-        return iterate(images, step, lambda x: class_loss(self.model(x), labels, target), 1)
+        return iterate(images, step, lambda x: class_loss(self.model(x), labels, target), 1,
+                       callback=self.callback)

@@ -14,6 +14,7 @@ from .steps import L2Step, LinfStep
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # images -> per-sample loss (N,) to ascend
 Transform = Callable[[torch.Tensor], torch.Tensor]  # raw gradient -> gradient the step follows
+Callback = Callable[[int], None]  # called with the step index before every step; raising stops the attack
 
 
 def iterate(
@@ -25,11 +26,17 @@ def iterate(
     random_start: bool = False,
     transform: Transform | None = None,
     generator: torch.Generator | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Ascend `objective` from x0 for `steps` steps, projecting onto the step's ε-ball and [0,1] after each."""
+    """Ascend `objective` from x0 for `steps` steps, projecting onto the step's ε-ball and [0,1] after each.
+
+    `callback(i)` runs before step i (e.g. a deadline check that raises); the loop holds no state to clean up.
+    """
     x0 = x0.detach()
     x = step.random_perturb(x0, generator) if random_start else x0.clone()
-    for _ in range(steps):
+    for i in range(steps):
+        if callback is not None:
+            callback(i)
         x.requires_grad_(True)
         loss = objective(x)
         (grad,) = torch.autograd.grad(loss.sum(), x)

@@ -51,4 +51,5 @@ class MIFGSM(Attack):
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         step = make_step(self.norm, per_sample(self.eps, images), per_sample(self.alpha, images))
-        return iterate(images, step, self.objective(labels, target), self.steps, transform=Momentum(self.decay))
+        return iterate(images, step, self.objective(labels, target), self.steps, transform=Momentum(self.decay),
+                       callback=self.callback)

@@ -65,7 +65,8 @@ class PGD(Attack):
 
         best = best_loss = best_ok = None
         for _ in range(self.restarts):
-            adv = iterate(images, step, objective, self.steps, random_start=self.random_start, generator=generator)
+            adv = iterate(images, step, objective, self.steps, random_start=self.random_start, generator=generator,
+                          callback=self.callback)
             if self.restarts == 1:
                 return adv
             with torch.no_grad():

@@ -74,6 +74,8 @@ class Square(Attack):
         rows = torch.arange(h, device=images.device)
         cols = torch.arange(w, device=images.device)
         for it in range(self.n_queries - 1):
+            if self.callback is not None:
+                self.callback(it)
             idx = (loss > 0).nonzero().squeeze(1)  # only samples not fooled yet cost queries
             if idx.numel() == 0:
                 break
