@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         config = build_config(args)
     run_dir = train(config, out, resume=bool(args.resume))
-    if args.json and (run_dir / "run.json").is_file():
+    from .distributed import detect
+
+    if args.json and detect().is_main and (run_dir / "run.json").is_file():  # one copy under torchrun
         sys.stdout.write((run_dir / "run.json").read_text())
     return 0
 

@@ -249,7 +249,7 @@ class _Trainer:
                 scaler=self.scaler, rank=self.env.rank,
             )
             self.last_eval = payload["extra"].get("last_eval", {})
-            log.info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.position.step,
+            self._info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.position.step,
                      self.position.epoch, self.position.batch)
             if self.env.is_main:
                 self._truncate_metrics(self.position.step)
@@ -271,6 +271,10 @@ class _Trainer:
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
+    def _info(self, message: str, *args: Any) -> None:
+        if self.env.is_main:  # one copy of each status line, not one per process
+            log.info(message, *args)
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
             with open(self.out / METRICS_FILE, "a") as fh:
@@ -291,7 +295,7 @@ class _Trainer:
         self._start_files()
         distributed.barrier(self.env)
         cfg = self.config
-        log.info("training %s (%s) on %s, %d process(es), %d steps/epoch", cfg.model.arch, cfg.regime,
+        self._info("training %s (%s) on %s, %d process(es), %d steps/epoch", cfg.model.arch, cfg.regime,
                  self.device, self.env.world_size, self.steps_per_epoch)
         while self.position.epoch < cfg.run.epochs:
             self.last_eval = self._epoch()
@@ -335,7 +339,7 @@ class _Trainer:
                   "clean_accuracy": result["clean_accuracy"], "robust_accuracy": result["robust_accuracy"],
                   "robust_eps": self.config.eval_eps, "robust_steps": self.config.eval.steps}
         self._log(record)
-        log.info("epoch %d: clean accuracy %.4f, robust accuracy %s, %.1f s", pos.epoch, result["clean_accuracy"],
+        self._info("epoch %d: clean accuracy %.4f, robust accuracy %s, %.1f s", pos.epoch, result["clean_accuracy"],
                  "n/a" if result["robust_accuracy"] is None else f"{result['robust_accuracy']:.4f}", train_seconds)
         self._checkpoint()
         return result
