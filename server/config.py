@@ -30,7 +30,13 @@ class Limits:
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC receive limit; larger messages get RESOURCE_EXHAUSTED
     max_candidates: int = 128  # hidden-layer exact re-runs per layer
     max_links: int = 256  # multi-layer traces: units given contributors per image (top_k_units^1 + ... ^(depth-1))
-    max_probe_steps: int = 200
+    max_probe_steps: int = 200  # iterations of an iterative attack (RESOURCE_EXHAUSTED above)
+    max_probe_restarts: int = 5  # PGD random restarts
+    max_probe_queries: int = 5000  # Square: model queries per image
+    max_probe_epsilon: float = 0.5  # L-inf budget / top of a search range, [0,1] pixel units (INVALID_ARGUMENT above)
+    max_probe_epsilon_l2: float = 64.0  # the same for L2 budgets
+    max_probe_work: int = 20_000  # image passes per probe: images x steps x restarts x members x search rounds
+    max_probe_members: int = 4  # other served models in a ghost-ensemble probe
 
 
 @dataclass(frozen=True)

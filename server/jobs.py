@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,3 +21,35 @@ class ExplainJob:
     depth: int
     candidates: int
     deadline: float | None = None  # time.monotonic(); checked between images, as hidden-layer traces take long
+
+
+@dataclass(frozen=True)
+class ProbeAttack:
+    """A validated AttackSpec (server/probe_validation.py). Exactly one of `eps` and `eps_range` is set."""
+
+    kind: str  # attack registry name: fgsm, pgd, mifgsm, ghost-ensemble, square
+    norm: str  # linf | l2
+    eps: float | None  # fixed budget, [0,1] pixel units
+    eps_range: tuple[float, float] | None  # minimal-ε search range
+    tolerance: float
+    steps: int  # iterations; Square: queries per image
+    restarts: int
+    step_size: float | None  # None: the attack's default fraction of ε
+    target: int | None  # class index of a targeted attack
+    seed: int
+    random_start: bool
+    members: tuple[Any, ...] = ()  # ghost-ensemble: other served models' runtimes
+    ghosts: int = 2
+    candidates: int = 8
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """One Probe request's decoded images, validated attack and trace options (see ProbeRequest in the proto)."""
+
+    images: np.ndarray  # (n, C, H, W) float32 in [0, 1]
+    attack: ProbeAttack
+    layers: tuple[str, ...]  # network order
+    top_k_units: int
+    candidates: int  # hidden-layer exact Δ re-runs per layer
+    deadline: float | None = None  # time.monotonic(); checked between attack steps and between images

@@ -48,6 +48,13 @@ class Metrics:
         self.flip_epsilon = Histogram(
             "conceptlens_probe_flip_epsilon", "Minimal flipping epsilon in [0,1] pixel units", ("model",),
             buckets=EPS_BUCKETS, registry=r)
+        self.probes = Counter(
+            "conceptlens_probes", "Probed images by attack kind and outcome (flipped, robust), and failed probe "
+            "calls by their status (deadline_exceeded, resource_exhausted, invalid_argument, ...)",
+            ("model", "kind", "outcome"), registry=r)
+        self.probe_duration = Histogram(
+            "conceptlens_probe_duration_seconds", "Attack and tracing time of one probe request", ("model", "kind"),
+            buckets=LATENCY_BUCKETS, registry=r)
         self.adversarial_flags = Counter(
             "conceptlens_adversarial_flags", "Explanations flagged implausible", ("model",), registry=r)
         self.concept_hits = Counter(

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from conceptlens.handlers.backends import ModelRuntime
+from conceptlens.handlers.probe import ImageProbe, ProbeSpec
+from conceptlens.handlers.probe import probe as run_probe
 from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image
 
 from .errors import DeadlineExpired
-from .jobs import ExplainJob
+from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
 
 
@@ -73,3 +75,43 @@ class Runners:
                 {layer: out.activations[layer][i] for layer in job.layers}, options,
                 plausibility_threshold=self.threshold, means={layer: means[layer][i] for layer in job.layers}))
         return ExplainOutput(out.logits[start : start + n], traces)
+
+    def probe(self, runtime: ModelRuntime, jobs: Sequence[ProbeJob]) -> list[list[ImageProbe] | Exception]:
+        """Each job's probe in turn (jobs carry different attacks, so they do not share passes). A job whose
+        deadline passes between attack steps or images, or whose attack refuses its inputs, fails alone."""
+        results: list[list[ImageProbe] | Exception] = []
+        for job in jobs:
+            attack = job.attack
+            started = time.perf_counter()
+            spec = ProbeSpec(**{f.name: getattr(attack, f.name) for f in fields(attack)})
+            options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, candidates=job.candidates)
+            try:
+                out = run_probe(runtime, job.images, spec, options, plausibility_threshold=self.threshold,
+                                check=_deadline_check(job.deadline))
+            except (DeadlineExpired, ValueError) as err:  # ValueError: InvalidInput from the attack library
+                results.append(err)
+                continue
+            self.metrics.probe_duration.labels(runtime.name, attack.kind).observe(time.perf_counter() - started)
+            backend = "onnxruntime" if attack.kind == "square" else "torch"
+            self.metrics.inference.labels(runtime.name, backend).observe(time.perf_counter() - started)
+            for item in out:
+                self.metrics.probes.labels(runtime.name, attack.kind, "flipped" if item.flipped else "robust").inc()
+                if item.flipped:
+                    self.metrics.probe_flips.labels(runtime.name).inc()
+                    if item.min_eps is not None:
+                        self.metrics.flip_epsilon.labels(runtime.name).observe(item.min_eps)
+            results.append(out)
+        return results
+
+
+def _deadline_check(deadline: float | None):
+    """A callable raising DeadlineExpired once `deadline` (time.monotonic()) has passed; None without one."""
+    if deadline is None:
+        return None
+
+    def check() -> None:
+        now = time.monotonic()
+        if now > deadline:
+            raise DeadlineExpired(f"deadline passed {now - deadline:.3f}s ago during the probe; stopped")
+
+    return check

@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
-from . import encoding, errors, validation
+from . import encoding, errors, probe_encoding, probe_validation, validation
 from .batching import Batcher
 from .config import BatchConfig, ServerConfig
 from .decoding import ImageSpec, decode_images
-from .jobs import ExplainJob
+from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
 
 if TYPE_CHECKING:  # both import torch through the model runtime; the servicer itself never does
@@ -46,7 +47,8 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
     def _batcher(self, model: str, method: str) -> Batcher:
         key = (model, method)
         if key not in self._batchers:
-            fn = {"predict": self.runners.predict, "explain": self.runners.explain}[method]
+            fn = {"predict": self.runners.predict, "explain": self.runners.explain,
+                  "probe": self.runners.probe}[method]
             cfg: BatchConfig = getattr(self.config, method)
             self._batchers[key] = Batcher(model, method, fn, cfg, self.metrics)
         return self._batchers[key]
@@ -111,10 +113,31 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             await errors.abort(context, err, "Explain")
 
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
+        """Attack the images on the probe queue (its own executor: Predict is never starved), then encode."""
+        model, kind = request.model or "unknown", probe_validation.kind_name(request.attack)
         try:
-            self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
-            raise NotImplementedError("Probe is not available in this build yet")
+            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            model = runtime.name
+            validation.image_count(len(request.images), self.limits.max_probe_images)
+            layers = validation.layers(list(request.layers), runtime.layer_order)
+            units = min(runtime.layer(name).units for name in layers)
+            top_k_units = validation.top_k(request.top_k_units, units, "top_k_units")
+            if not request.HasField("attack"):
+                raise InvalidInput("attack", "required: the attack to run")
+            attack = probe_validation.attack(request.attack, runtime.classes, runtime.input_size, self.limits,
+                                             len(request.images), self.repo.resolve)
+            images = await self._images(request.images, runtime, self.limits.max_probe_images)
+            deadline = _deadline(context)
+            job = ProbeJob(images=images, attack=attack, layers=tuple(layers), top_k_units=top_k_units,
+                           candidates=min(validation.DEFAULT_CANDIDATES, self.limits.max_candidates),
+                           deadline=deadline)
+            results = await self._batcher(runtime.name, "probe").submit(runtime, job, len(images), deadline)
+            k = min(validation.DEFAULT_TOP_K, len(runtime.classes))
+            return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=[
+                probe_encoding.result(item, runtime.classes, k, request.return_adversarial) for item in results])
         except Exception as err:
+            self.metrics.probes.labels(model if model in self.repo.names() else "unknown", kind,
+                                       errors.status_for(err).name.lower()).inc()
             await errors.abort(context, err, "Probe")
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

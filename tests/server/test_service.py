@@ -254,7 +254,8 @@ BAD_REQUESTS = [
     ("too much linking", "Explain", pb.ExplainRequest(model="small", images=[GOOD], top_k_units=20, depth=3,
                                                        layers=["layer1", "layer2", "layer3"]), "RESOURCE_EXHAUSTED",
      "links 420 units per image, over the server's cap of 256"),
-    ("probe not built yet", "Probe", pb.ProbeRequest(model="small", images=[GOOD]), "UNIMPLEMENTED", "Probe"),
+    ("probe without attack", "Probe", pb.ProbeRequest(model="small", images=[GOOD]), "INVALID_ARGUMENT",
+     "attack: required"),
     ("bad version", "GetModel", pb.GetModelRequest(model="small", version=-1), "INVALID_ARGUMENT", "version"),
 ]
 

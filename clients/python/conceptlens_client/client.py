@@ -110,3 +110,32 @@ class Client:
             top_k_units=top_k_units, layers=list(layers), target_class=target_class, include_maps=include_maps,
             map_size=map_size, depth=depth, candidates=candidates)
         return self._call("Explain", request, timeout)
+
+    def probe(self, images: Iterable[ImageLike], model: str, *, attack: str = "pgd", norm: str = "linf",
+              epsilon: float = 0.0, epsilon_range: tuple[float, float] | None = None, steps: int = 0,
+              restarts: int = 0, step_size: float = 0.0, tolerance: float = 0.0, target_class: str = "",
+              ensemble_models: Sequence[str] = (), seed: int | None = None, random_start: bool | None = None,
+              layers: Sequence[str] = (), top_k_units: int = 0, return_adversarial: bool = False, version: int = 0,
+              timeout: float | None = None) -> pb.ProbeResponse:
+        """Attack `images` on the server: at a fixed `epsilon`, or search each image's minimal flipping ε in
+        `epsilon_range` (low, high) to `tolerance`. `attack`: fgsm, pgd, mifgsm, ghost-ensemble or square;
+        `norm`: linf or l2. 0 / empty values take the server's defaults (see AttackSpec in the proto)."""
+        kinds = {"fgsm": pb.AttackSpec.FGSM, "pgd": pb.AttackSpec.PGD, "mifgsm": pb.AttackSpec.MIFGSM,
+                 "ghost-ensemble": pb.AttackSpec.GHOST_ENSEMBLE, "square": pb.AttackSpec.SQUARE}
+        norms = {"linf": pb.AttackSpec.LINF, "l2": pb.AttackSpec.L2}
+        if attack not in kinds:
+            raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(kinds)}")
+        if norm not in norms:
+            raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(norms)}")
+        spec = pb.AttackSpec(kind=kinds[attack], norm=norms[norm], epsilon=epsilon, steps=steps, restarts=restarts,
+                             step_size=step_size, tolerance=tolerance, target_class=target_class,
+                             ensemble_models=list(ensemble_models))
+        if epsilon_range is not None:
+            spec.epsilon_min, spec.epsilon_max = epsilon_range
+        if seed is not None:
+            spec.seed = seed
+        if random_start is not None:
+            spec.random_start = random_start
+        request = pb.ProbeRequest(model=model, version=version, images=[to_image(i) for i in images], attack=spec,
+                                  return_adversarial=return_adversarial, top_k_units=top_k_units, layers=list(layers))
+        return self._call("Probe", request, timeout)
