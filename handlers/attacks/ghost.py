@@ -112,6 +112,10 @@ class GhostEnsemble(EnsembleAttack):
     """The ensemble-optimization attack over `members` ghost networks of one model, each redrawn at every step
     (the paper's longitudinal ensemble, widened by `members`). Success is judged on the unmodified model. L∞.
 
+    Defaults were measured on ShapesWorld (tests/handlers/test_transfer.py): skip erosion 0.2 plus dropout
+    erosion (keep 0.9) and PGD's step size 2.5·ε/steps (rather than MI-FGSM's ε/steps) transfer to a held-out
+    model better than PGD at the same ε and steps; ε/steps or skip erosion alone did not.
+
     Shapes: images (N,C,H,W) in [0,1], labels (N,) int, optional target (N,) int; result.adv (N,C,H,W).
 
     Example::
@@ -129,13 +133,15 @@ class GhostEnsemble(EnsembleAttack):
         *,
         members: int = 2,
         skip_erosion: float = 0.2,
-        dropout_keep: float | None = None,
+        dropout_keep: float | None = 0.9,
         decay: float = 1.0,
         targeted: bool = False,
         seed: int | None = None,
     ) -> None:
         check_steps(members, "members")
         check_eps(eps)
+        check_steps(steps)
+        alpha = 2.5 * eps / steps if alpha is None else alpha
         ghosts = [
             GhostNetwork(model, skip_erosion, dropout_keep, None if seed is None else seed + i) for i in range(members)
         ]

@@ -15,7 +15,7 @@ from conceptlens.handlers.attacks import PGD, GhostEnsemble
 
 log = logging.getLogger(__name__)
 
-EPS, STEPS = 16 / 255, 10
+EPS, STEPS = 24 / 255, 10  # at 16/255 hardly anything transfers on ShapesWorld; at 32/255 half does
 
 
 @pytest.mark.slow
@@ -23,8 +23,8 @@ def test_ghost_ensemble_transfers_at_least_as_well_as_pgd(shapes_model, shapes_m
     images, labels = shapes_batch
     with torch.no_grad():  # only images both models get right: a "transfer" must be caused by the attack
         ok = (shapes_model(images).argmax(1) == labels) & (shapes_model_b(images).argmax(1) == labels)
-    images, labels = images[ok][:32], labels[ok][:32]
-    assert len(labels) >= 24
+    images, labels = images[ok], labels[ok]
+    assert len(labels) >= 48
 
     rates = {}
     for name, atk in (
