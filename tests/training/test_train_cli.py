@@ -61,6 +61,17 @@ def test_train_then_evaluate_json(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert text.startswith("clean accuracy") and "robust accuracy" not in text
 
+    # a bundle exported from the run evaluates to the same numbers as the run itself
+    from conceptlens.training.export import export_bundle
+    from conceptlens.training.run import load_run
+
+    bundle = export_bundle(load_run(run), tmp_path / "repo" / "tiny" / "1", name="tiny", version=1)
+    assert main(["evaluate", "--model", str(bundle), "--data", "shapes:16", "--eps", "4/255", "--steps", "2",
+                 "--json"]) == 0
+    from_bundle = json.loads(capsys.readouterr().out)
+    assert from_bundle["clean_accuracy"] == result["clean_accuracy"]
+    assert from_bundle["robust_accuracy"] == result["robust_accuracy"]
+
 
 def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--model", str(tmp_path), "--data", "shapes:4"]) == 2
