@@ -226,6 +226,11 @@ def test_ghost_network_of_a_torchvision_resnet() -> None:
             x = torch.rand(1, 3, 32, 32)
             assert not torch.allclose(ghost(x), model(x))
         assert _hooks(model) == 0
+    # gradients flow through the hooks and torchvision's in-place `out += identity`
+    model = build_model("resnet18", ["a", "b"], input_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    moved = (attack_class("ghost-ensemble")(model, eps=EPS, steps=1)(x, torch.tensor([0, 1])).adv - x).abs()
+    assert 0 < moved.max() <= EPS + 1e-6 and _hooks(model) == 0
 
 
 # --- minimal ε -------------------------------------------------------------------------------------------
