@@ -17,6 +17,7 @@ from conceptlens.handlers.attacks import (
     EnsembleAttack,
     GhostNetwork,
     L2Step,
+    LinfStep,
     MinimalEpsilon,
     Square,
     attack_class,
@@ -119,6 +120,25 @@ def test_l2_step_is_a_true_normalised_step() -> None:
     assert torch.allclose(moved.flatten(1).norm(dim=1), alpha.flatten(), rtol=1e-5)
     # the direction is the gradient's, whatever its scale
     assert torch.allclose(F.cosine_similarity(moved.flatten(1), grad.flatten(1)), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("step_cls", [LinfStep, L2Step])
+def test_projection_and_random_start_stay_in_ball_per_sample(step_cls) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=gen)
+    eps = torch.tensor([0.0, 0.01, 0.1, 2.0]).view(4, 1, 1, 1)  # one budget per sample, 0 included
+    step = step_cls(eps, eps / 2)
+
+    def dist(d: torch.Tensor) -> torch.Tensor:
+        flat = d.flatten(1)
+        return flat.abs().amax(1) if step_cls is LinfStep else flat.norm(dim=1)
+
+    for x in (x0 + torch.randn(4, 3, 8, 8, generator=gen) * 3, step.random_perturb(x0, gen)):
+        projected = step.project(x, x0)
+        assert (dist(projected - x0) <= eps.flatten() + 1e-6).all()
+        assert projected.min() >= 0 and projected.max() <= 1
+    inside = step.project(x0 + (step.project(x0 + 0.001, x0) - x0) * 0.5, x0)  # a point already inside stays put
+    assert torch.allclose(step.project(inside, x0), inside)
 
 
 # --- attacks are correct, not just running ---------------------------------------------------------------
