@@ -12,7 +12,7 @@ torchattacks is installed into the running environment if missing (benchmark onl
 It is installed without its dependencies: its package __init__ imports scipy (for attacks we do not time), so if
 that import fails the two attack modules are loaded directly; they need nothing but torch.
 
-    .venv/bin/python bench/attacks.py                      # resnet18 at 64 px, batch 32 (a few minutes on 2 CPUs)
+    .venv/bin/python bench/attacks.py                      # resnet18 at 32 px, batch 32 (minutes on 2 busy CPUs)
     .venv/bin/python bench/attacks.py --size 224 --repeats 3  # the ImageNet size (slow on CPU)
 """
 
@@ -80,13 +80,14 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float,
 
 
 def compare(
-    name: str, ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor], batch: int,
-    repeats: int, warmup: int, device: torch.device,
+    name: str, ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor], images: torch.Tensor,
+    repeats: int, warmup: int,
 ) -> dict:
     """Interleaved timing of two callables doing the same attack on the same batch."""
+    device, batch = images.device, images.shape[0]
     for _ in range(warmup):
-        ours()
-        theirs()
+        for adv in (ours(), theirs()):  # same work on both sides: both stay in the ε-ball
+            assert (adv - images).abs().max() <= EPS + 1e-5
     times: dict[str, list[tuple[float, float]]] = {"ours": [], "torchattacks": []}
     for r in range(repeats):
         order = [("ours", ours), ("torchattacks", theirs)]
@@ -106,7 +107,6 @@ def compare(
 
 def bench_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ta: types.SimpleNamespace,
                 args: argparse.Namespace, label: str) -> list[dict]:
-    device = images.device
     pairs = {
         f"PGD-{STEPS}": (PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True),
                          ta.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)),
@@ -115,11 +115,8 @@ def bench_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     }
     rows = []
     for name, (ours, theirs) in pairs.items():
-        # Same work on both sides; check both stay in the ε-ball so we compare like with like.
-        for adv in (ours(images, labels).adv, theirs(images, labels)):
-            assert (adv - images).abs().max() <= EPS + 1e-5
         row = compare(name, lambda ours=ours: ours(images, labels).adv, lambda theirs=theirs: theirs(images, labels),
-                      images.shape[0], args.repeats, args.warmup, device)
+                      images, args.repeats, args.warmup)
         row["model"] = label
         rows.append(row)
     return rows
@@ -128,11 +125,12 @@ def bench_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--size", type=int, default=64, help="resnet18 input size (default 64; 224 = ImageNet)")
+    parser.add_argument("--size", type=int, default=32, help="resnet18 input size (default 32; 224 = ImageNet)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--shapes-size", type=int, default=64, help="ShapesWorld image size for small_cnn (default 64)")
+    parser.add_argument("--shapes-size", type=int, default=32, help="ShapesWorld image size for small_cnn (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (default 3; median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per side first (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per side first, the first one checking "
+                        "that both sides stay in the ε-ball (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-install", action="store_true", help="fail instead of pip-installing torchattacks")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
