@@ -89,6 +89,8 @@ class Runners:
                 out = run_probe(runtime, job.images, spec, options, plausibility_threshold=self.threshold,
                                 check=_deadline_check(job.deadline))
             except (DeadlineExpired, ValueError) as err:  # ValueError: InvalidInput from the attack library
+                if isinstance(err, DeadlineExpired):  # counted here: the caller may be gone already
+                    self.metrics.probes.labels(runtime.name, attack.kind, "deadline_exceeded").inc()
                 results.append(err)
                 continue
             self.metrics.probe_duration.labels(runtime.name, attack.kind).observe(time.perf_counter() - started)

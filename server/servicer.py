@@ -136,8 +136,9 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=[
                 probe_encoding.result(item, runtime.classes, k, request.return_adversarial) for item in results])
         except Exception as err:
-            self.metrics.probes.labels(model if model in self.repo.names() else "unknown", kind,
-                                       errors.status_for(err).name.lower()).inc()
+            if not isinstance(err, errors.DeadlineExpired):  # the runner counts the ones it stopped
+                self.metrics.probes.labels(model if model in self.repo.names() else "unknown", kind,
+                                           errors.status_for(err).name.lower()).inc()
             await errors.abort(context, err, "Probe")
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -3,6 +3,7 @@
     conceptlens-client models [--server host:port] [--json]
     conceptlens-client predict IMAGE... [--model M] [--top-k K] [--json]
     conceptlens-client explain IMAGE... [--model M] [--layers L1,L2] [--heatmap out.png] [--json]
+    conceptlens-client probe IMAGE... [--attack pgd] [--eps E | --eps-range LO:HI] [--steps N] [--save-adv adv.png]
 
 Errors print one line and exit 2 (bad arguments or a refused call) or 1 (server unreachable).
 """
@@ -23,8 +24,8 @@ from .heatmap import heatmap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="conceptlens-client",
-                                     description="Call a ConceptLens server: models, predictions, explanations.")
+    parser = argparse.ArgumentParser(
+        prog="conceptlens-client", description="Call a ConceptLens server: models, predictions, explanations, probes.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default="localhost:50051", help="host:port (default localhost:50051)")
     common.add_argument("--json", action="store_true", help="print the response as JSON")
@@ -48,7 +49,42 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--depth", type=int, default=0, help="multi-layer link depth (default 1)")
             p.add_argument("--heatmap", type=Path, help="write top units' maps over the image to this PNG "
                            "(one file per image: out.png, out_1.png, ...)")
+    p = sub.add_parser("probe", parents=[common], help="attack images: does the prediction flip, at what epsilon, "
+                       "and which units take over")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--model", default="", help="model name (default: the only or first served model)")
+    p.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    p.add_argument("--attack", default="pgd", choices=ATTACKS, help="attack kind (default pgd)")
+    p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
+    p.add_argument("--eps", type=float, help="fixed budget in [0,1] pixel units (default 8/255 without --eps-range)")
+    p.add_argument("--eps-range", type=_eps_range, metavar="LO:HI",
+                   help="search each image's minimal flipping epsilon in [LO, HI], e.g. 0:0.1")
+    p.add_argument("--tolerance", type=float, default=0.0, help="search tolerance (default 1/255)")
+    p.add_argument("--steps", type=int, default=0, help="attack iterations, Square: queries (default per attack)")
+    p.add_argument("--restarts", type=int, default=0, help="PGD random restarts (default 1)")
+    p.add_argument("--step-size", type=float, default=0.0, help="step size (default: a fraction of epsilon)")
+    p.add_argument("--target", default="", help="class to reach (targeted attack; default untargeted)")
+    p.add_argument("--ensemble", default="", help="ghost-ensemble: comma-separated other served models to add")
+    p.add_argument("--seed", type=int, help="seed of the attack's random draws (default 0)")
+    p.add_argument("--layers", default="", help="comma-separated layers to compare (default: the deepest)")
+    p.add_argument("--units", type=int, default=0, help="changed units per layer (default 5)")
+    p.add_argument("--save-adv", type=Path, help="write the adversarial image to this PNG "
+                   "(one file per image: adv.png, adv_1.png, ...)")
     return parser
+
+
+ATTACKS = ("fgsm", "pgd", "mifgsm", "ghost-ensemble", "square")
+
+
+def _eps_range(text: str) -> tuple[float, float]:
+    """argparse type of --eps-range: "LO:HI" with 0 <= LO < HI."""
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI, e.g. 0:0.1, got {text!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI, got {text!r}")
+    return lo, hi
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -97,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path}: {best}")
             return 0
         layers = [s for s in args.layers.split(",") if s]
+        if args.command == "probe":
+            return _probe(client, model, args, layers)
         want_maps = args.heatmap is not None
         response = client.explain(args.images, model, version=args.version, top_k_classes=args.top_k,
                                   top_k_units=args.units, layers=layers, target_class=args.target,
@@ -112,6 +150,36 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(MessageToDict(response), indent=1))
         return 0
+
+
+def _probe(client: Client, model: str, args: argparse.Namespace, layers: list[str]) -> int:
+    if args.eps is not None and args.eps_range is not None:
+        raise ValueError("give --eps or --eps-range, not both")
+    eps = 8 / 255 if args.eps is None and args.eps_range is None else (args.eps or 0.0)
+    response = client.probe(
+        args.images, model, version=args.version, attack=args.attack, norm=args.norm, epsilon=eps,
+        epsilon_range=args.eps_range, tolerance=args.tolerance, steps=args.steps, restarts=args.restarts,
+        step_size=args.step_size, target_class=args.target, ensemble_models=[s for s in args.ensemble.split(",") if s],
+        seed=args.seed, layers=layers, top_k_units=args.units, return_adversarial=args.save_adv is not None)
+    for i, (path, res) in enumerate(zip(args.images, response.results, strict=True)):
+        if args.save_adv is not None:
+            _heatmap_path(args.save_adv, i).write_bytes(res.adversarial_png)
+        if args.json:
+            continue
+        clean, adv = res.clean_prediction.classes[0], res.adversarial_prediction.classes[0]
+        if res.flipped:
+            where = f" at eps {res.min_flip_epsilon:.4f}" if res.HasField("min_flip_epsilon") else ""
+            head = f"FLIPPED {clean.label} -> {adv.label}{where}"
+        else:
+            head = f"held {clean.label}"
+        plaus = [t.plausibility for t in (res.clean_trace, res.adversarial_trace) if t.HasField("plausibility")]
+        plaus_text = f"; plausibility {plaus[0]:.2f} -> {plaus[1]:.2f}" if len(plaus) == 2 else ""
+        units = ", ".join(f"{u.layer}#{u.unit}{' ' + u.concept if u.concept else ''} "
+                          f"{u.clean_delta:+.3f}->{u.adversarial_delta:+.3f}" for u in res.changed_units[:3])
+        print(f"{path}: {head} (confidence drop {res.confidence_drop:.2f}){plaus_text}; changed: {units}")
+    if args.json:
+        print(json.dumps(MessageToDict(response), indent=1))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,239 @@
+"""Probe on a real server over loopback with the real client, on the trained ShapesWorld small_cnn exported as a
+bundle: the probe's PGD is the library's (robust accuracy equals `training.evaluate`), minimal ε is verified per
+image with the library attack, the deadline stops the attack between steps, caps name themselves, and Square runs
+through ONNX alone (the served torch weights are poisoned with NaN)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving_helpers import config
+
+from conceptlens.handlers.attacks import PGD
+from conceptlens.handlers.zoo import arch_spec, resolve_layer
+from conceptlens.server.background import BackgroundServer
+from conceptlens.server.config import Limits
+from conceptlens.training.evaluate import evaluate
+from conceptlens.training.export import export_bundle
+from conceptlens_client import Client
+from conceptlens_client.cli import main as client_main
+from conceptlens_client.client import ServiceError
+
+LIMITS = Limits(max_images=8, max_probe_images=8, max_probe_work=30_000, max_message_bytes=4 << 20)
+LAYERS = ["layer1", "layer2", "layer3"]
+CONCEPTS = ["wheel", "window", "leaf", "sail", "red", "stripes"]
+
+
+def _dissection(classes: list[str], units: dict[str, int]) -> dict:
+    """A made-up dissection over the model's own classes: every third unit a detector, non-zero baselines."""
+    layers = {layer: {"units": [{"label": CONCEPTS[k % 6] if k % 3 == 0 else "",
+                                 "category": "part" if k % 3 == 0 else "", "iou": 0.1 if k % 3 == 0 else 0.0,
+                                 "detector": k % 3 == 0, "baseline": 0.01 * (k % 5)} for k in range(n)]}
+              for layer, n in units.items()}
+    cooc = {c: {cls: (0.9 if (i + j) % 3 == 0 else 0.1) for j, cls in enumerate(classes)}
+            for i, c in enumerate(CONCEPTS)}
+    return {"layers": layers, "cooccurrence": cooc}
+
+
+def _export(model, out, name: str):
+    return export_bundle(model, out, name=name, version=1, layers=LAYERS,
+                         dissection=_dissection(list(model.classes), {"layer1": 32, "layer2": 64, "layer3": 128}))
+
+
+@pytest.fixture(scope="module")
+def bundles(shapes_model, shapes_model_b, tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe_bundles")
+    return _export(shapes_model, root / "shapes" / "1", "shapes"), _export(shapes_model_b, root / "other" / "1",
+                                                                            "other")
+
+
+@pytest.fixture(scope="module")
+def served(bundles, tmp_path_factory):
+    """A server on a repository holding `shapes` (the probed model) and `other` (an ensemble member)."""
+    repo = tmp_path_factory.mktemp("probe_repo")
+    for bundle in bundles:
+        shutil.copytree(bundle, repo / bundle.parent.name / "1")
+    with BackgroundServer(config(repo, limits=LIMITS)) as server, \
+            Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+        yield server, client
+
+
+def _arrays(images: torch.Tensor) -> list[np.ndarray]:
+    return [im.numpy().astype(np.float32) for im in images]
+
+
+def test_probe_pgd_robust_accuracy_equals_evaluate(served, shapes_model, shapes_batch):
+    _, client = served
+    x, y = shapes_batch[0][:8], shapes_batch[1][:8]
+    eps, steps = 5 / 255, 5
+    response = client.probe(_arrays(x), "shapes", attack="pgd", epsilon=eps, steps=steps, random_start=False)
+    adv_pred = torch.tensor([r.adversarial_prediction.classes[0].index for r in response.results])
+    probe_acc = (adv_pred == y).float().mean().item()
+    dataset = list(zip(x, y.tolist(), strict=True))
+    report = evaluate(shapes_model, dataset, eps=eps, steps=steps, batch_size=8, random_start=False)
+    assert probe_acc == report["robust_accuracy"]
+    assert 0 < probe_acc < 1  # the setting separates robust from fragile images, so equality means something
+    # per image too: the library PGD on the clean predictions flips exactly the images the probe flipped
+    with torch.no_grad():
+        clean = shapes_model(x).argmax(1)
+    lib = PGD(shapes_model, eps=eps, steps=steps, random_start=False)(x, clean)
+    assert [r.flipped for r in response.results] == lib.success.tolist()
+    assert all(r.HasField("clean_trace") and r.adversarial_trace.layers for r in response.results)
+
+
+def test_minimal_epsilon_flips_at_eps_and_not_one_tolerance_below(served, shapes_model, shapes_batch):
+    _, client = served
+    x = shapes_batch[0][8:12]
+    lo, hi, tol, steps = 0.0, 16 / 255, 1 / 255, 5
+    response = client.probe(_arrays(x), "shapes", attack="pgd", epsilon_range=(lo, hi), tolerance=tol, steps=steps,
+                            layers=["layer2", "layer3"], top_k_units=3)
+    with torch.no_grad():
+        clean = shapes_model(x).argmax(1)
+    flipped = 0
+    for i, r in enumerate(response.results):
+        assert [u.layer for u in r.changed_units] == ["layer2"] * 3 + ["layer3"] * 3
+        if not r.flipped:
+            assert not r.HasField("min_flip_epsilon")
+            continue
+        flipped += 1
+        e = torch.tensor([r.min_flip_epsilon])
+        assert r.confidence_drop > 0
+        assert PGD(shapes_model, eps=e, steps=steps, random_start=False)(x[i : i + 1], clean[i : i + 1]).success
+        if (e - tol).item() >= lo:
+            below = PGD(shapes_model, eps=e - tol, steps=steps, random_start=False)(x[i : i + 1], clean[i : i + 1])
+            assert not below.success, f"image {i} already flips at {(e - tol).item()}"
+    assert flipped >= 2
+
+
+def _probe_count(server, outcome: str) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "conceptlens_probes_total", {"model": "shapes", "kind": "pgd", "outcome": outcome})
+    return value or 0.0
+
+
+def test_probe_past_its_deadline_stops_promptly(served, shapes_batch):
+    server, client = served
+    before = _probe_count(server, "deadline_exceeded")
+    deadline = 0.6
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as info:  # a long search: many seconds of work if nothing stopped it
+        client.probe(_arrays(shapes_batch[0][:8]), "shapes", attack="pgd", epsilon_range=(0, 0.5), steps=200,
+                     tolerance=1 / 255, timeout=deadline)
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    while _probe_count(server, "deadline_exceeded") == before and time.monotonic() - started < deadline + 5:
+        time.sleep(0.01)
+    stopped = time.monotonic() - started
+    assert stopped < deadline + 1.0, f"the server worked on for {stopped - deadline:.2f}s past the deadline"
+    # the probe worker is free again: a small probe answers at once
+    quick = time.monotonic()
+    client.probe(_arrays(shapes_batch[0][:1]), "shapes", attack="fgsm", epsilon=2 / 255)
+    assert time.monotonic() - quick < 2.0
+
+
+CAPS = [
+    ({"steps": 201}, "RESOURCE_EXHAUSTED", "max_probe_steps=200"),
+    ({"restarts": 6, "epsilon": 0.01}, "RESOURCE_EXHAUSTED", "max_probe_restarts=5"),
+    ({"epsilon": 0.9}, "INVALID_ARGUMENT", "max_probe_epsilon=0.5"),
+    ({"epsilon_range": (0.0, 0.6)}, "INVALID_ARGUMENT", "max_probe_epsilon=0.5"),
+    ({"attack": "square", "steps": 6000}, "RESOURCE_EXHAUSTED", "max_probe_queries=5000"),
+    ({"epsilon_range": (0.0, 0.5), "tolerance": 1e-4, "steps": 200, "images": 8}, "RESOURCE_EXHAUSTED",
+     "max_probe_work=30000"),
+    ({"images": 9}, "INVALID_ARGUMENT", "over the server's limit of 8"),
+    ({"epsilon": 0.0}, "INVALID_ARGUMENT", "attack.epsilon: required"),
+    ({"attack": "square", "norm": "l2"}, "INVALID_ARGUMENT", "attack.norm"),
+    ({"target_class": "unicorn"}, "INVALID_ARGUMENT", "attack.target_class: unknown class 'unicorn'"),
+    ({"ensemble_models": ["other"]}, "INVALID_ARGUMENT", "only GHOST_ENSEMBLE"),
+    ({"attack": "ghost-ensemble", "ensemble_models": ["nope"]}, "NOT_FOUND", "unknown model 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("options", "code", "message"), CAPS, ids=[c[2] for c in CAPS])
+def test_over_cap_and_bad_probes_name_the_cap_or_field(served, shapes_batch, options, code, message):
+    _, client = served
+    options = {"attack": "pgd", "epsilon": 0.03, **options}
+    images = _arrays(shapes_batch[0][: options.pop("images", 1)])
+    with pytest.raises(ServiceError) as info:
+        client.probe(images, "shapes", **options)
+    assert info.value.code == code, info.value
+    assert message in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("options", [
+    {"attack": "fgsm", "epsilon": 8 / 255},
+    {"attack": "pgd", "epsilon": 1.0, "norm": "l2", "steps": 5, "restarts": 2},
+    {"attack": "mifgsm", "epsilon": 24 / 255, "steps": 10, "target_class": "boat"},
+    {"attack": "ghost-ensemble", "epsilon": 8 / 255, "steps": 5, "ensemble_models": ["other"]},
+], ids=lambda o: o["attack"])
+def test_every_gradient_kind_returns_a_bounded_adversarial_image(served, shapes_batch, options):
+    _, client = served
+    x = shapes_batch[0][:2]
+    response = client.probe(_arrays(x), "shapes", return_adversarial=True, **options)
+    for image, r in zip(x, response.results, strict=True):
+        adv = np.frombuffer(r.adversarial_image.data, "<f4").reshape(tuple(r.adversarial_image.shape))
+        delta = adv - image.numpy()
+        bound = np.abs(delta).max() if options.get("norm") != "l2" else np.linalg.norm(delta.ravel())
+        assert bound <= options["epsilon"] + 1e-5
+        assert Image.open(io.BytesIO(r.adversarial_png)).size == (32, 32)
+        assert (r.perturbation.height, r.perturbation.width) == (32, 32)
+        assert np.allclose(np.array(r.perturbation.values).reshape(32, 32), np.abs(delta).max(0), atol=1e-6)
+        if "target_class" in options and r.flipped:
+            assert r.adversarial_prediction.classes[0].label == "boat"
+    assert any(r.flipped for r in response.results)
+
+
+def test_square_needs_only_the_onnx_session(bundles, tmp_path, shapes_batch):
+    repo = tmp_path / "repo"
+    shutil.copytree(bundles[0], repo / "shapes" / "1")
+    with BackgroundServer(config(repo, limits=LIMITS)) as server, Client(f"127.0.0.1:{server.port}") as client:
+        runtime = server.repository.resolve("shapes")
+        head = resolve_layer(runtime.torch_model, arch_spec("small_cnn").head)
+        kept = {id(p) for p in head.parameters()}  # the closed-form head shares them (numpy views), not torch
+        with torch.no_grad():  # any use of the torch model would now give NaN logits and a failed probe
+            for p in runtime.torch_model.parameters():
+                if id(p) not in kept:
+                    p.fill_(float("nan"))
+        x = shapes_batch[0][:4]
+        response = client.probe(_arrays(x), "shapes", attack="square", epsilon=32 / 255, steps=300,
+                                return_adversarial=True)
+        assert any(r.flipped for r in response.results)
+        for image, r in zip(x, response.results, strict=True):
+            adv = np.frombuffer(r.adversarial_image.data, "<f4").reshape(3, 32, 32)
+            assert np.abs(adv - image.numpy()).max() <= 32 / 255 + 1e-6
+            assert np.isfinite(r.adversarial_prediction.classes[0].logit)
+            assert r.flipped == (r.adversarial_prediction.classes[0].index != r.clean_prediction.classes[0].index)
+            assert len(r.changed_units) == 5 and r.adversarial_trace.layers[0].method == "exact-last-layer"
+            assert all(np.isfinite([u.clean_delta, u.adversarial_delta]).all() for u in r.changed_units)
+
+
+def test_cli_probe_searches_and_saves_the_adversarial_image(served, shapes_batch, tmp_path, capsys):
+    server, _ = served
+    path = tmp_path / "x.png"
+    Image.fromarray((shapes_batch[0][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    adv = tmp_path / "adv.png"
+    code = client_main(["probe", str(path), "--server", f"127.0.0.1:{server.port}", "--model", "shapes",
+                        "--attack", "pgd", "--eps-range", "0:0.1", "--steps", "5", "--save-adv", str(adv), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"][0]["flipped"] and 0 < out["results"][0]["minFlipEpsilon"] <= 0.1
+    assert Image.open(adv).size == (32, 32)
+    with pytest.raises(SystemExit):  # argparse refuses a reversed range before any call
+        client_main(["probe", str(path), "--server", f"127.0.0.1:{server.port}", "--eps-range", "0.2:0.1"])
+
+
+def test_probe_metrics_count_kinds_outcomes_and_duration(served):
+    server, _ = served
+    registry = server.metrics.registry
+    assert _probe_count(server, "flipped") > 0 and _probe_count(server, "robust") > 0
+    assert registry.get_sample_value("conceptlens_probe_duration_seconds_count",
+                                     {"model": "shapes", "kind": "pgd"}) > 0
+    assert registry.get_sample_value("conceptlens_probe_flip_epsilon_count", {"model": "shapes"}) > 0
+    assert registry.get_sample_value("conceptlens_probes_total", {"model": "shapes", "kind": "pgd",
+                                                                  "outcome": "resource_exhausted"}) > 0
+
