@@ -6,9 +6,8 @@ An attack is a small class: build it once with its budget (`PGD(model, eps=8/255
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +20,49 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 Eps = float | torch.Tensor
 
 
-@dataclass
 class AttackResult:
-    """Adversarial images (N,C,H,W) in [0,1], per-sample `success` (N,) bool, the per-sample budget `eps` (N,)
-    (for MinimalEpsilon the smallest flipping ε, inf where none was found) and the adversarial `logits` (N,K)."""
+    """Adversarial images `adv` (N,C,H,W) in [0,1], the per-sample budget `eps` (N,) (for MinimalEpsilon the
+    smallest flipping ε, inf where none was found), per-sample `success` (N,) bool and the adversarial `logits`
+    (N,K).
 
-    adv: torch.Tensor
-    success: torch.Tensor
-    eps: torch.Tensor
-    logits: torch.Tensor
+    `success` and `logits` cost one forward pass more than the attack itself. An attack built with
+    `lazy = True` defers that pass to the first access (in eval mode, without gradients, with the model as it is
+    then), so callers that only need `adv`, like adversarial training, skip it: a PGD-10 call is then exactly ten
+    forward/backward passes, the same work as torchattacks.
+    """
+
+    def __init__(
+        self,
+        adv: torch.Tensor,
+        success: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        *,
+        judge: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        if judge is None and (success is None or logits is None):
+            raise TypeError("AttackResult needs success and logits, or a judge computing them")
+        self.adv, self.eps = adv, eps
+        self._success, self._logits, self._judge = success, logits, judge
+
+    def _resolve(self) -> None:
+        if self._logits is None or self._success is None:
+            self._logits, self._success = self._judge()
+            self._judge = None
+
+    @property
+    def success(self) -> torch.Tensor:
+        self._resolve()
+        return self._success
+
+    @property
+    def logits(self) -> torch.Tensor:
+        self._resolve()
+        return self._logits
+
+    def __repr__(self) -> str:
+        judged = "pending" if self._logits is None else f"{int(self._success.sum())} succeeded"
+        return f"AttackResult(adv={tuple(self.adv.shape)}, eps={self.eps}, {judged})"
 
 
 def expected_channels(model: object) -> int | None:
@@ -115,6 +148,8 @@ class Attack:
     # Optional hook called with the step index before every step of the shared loop (`loop.iterate`); it may
     # raise to abandon the attack, e.g. when a caller's deadline passes. Set it on an instance after building.
     callback: Callable[[int], None] | None = None
+    # True: judge the adversarial images (success, logits) only when the result is first asked for them.
+    lazy: bool = False
 
     def __init__(self, model: Predict, eps: Eps, *, targeted: bool = False) -> None:
         check_eps(eps)
@@ -137,12 +172,25 @@ class Attack:
         validate_batch(images, labels, target, self.channels(), self.targeted)
         if not self.targeted:
             target = None
+        with self._eval_mode():
+            adv = self.perturb(images, labels, target).detach()
+
+        def judge() -> tuple[torch.Tensor, torch.Tensor]:
+            with self._eval_mode(), torch.no_grad():
+                logits = self.model(adv)
+            return logits, succeeded(logits, labels, target)
+
+        eps = per_sample(self.eps, images).flatten()
+        if self.lazy:
+            return AttackResult(adv, eps=eps, judge=judge)
+        logits, success = judge()
+        return AttackResult(adv, success, eps, logits)
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Every model of the attack in eval mode; each module's own flag restored on exit, also on errors."""
         with ExitStack() as stack:
             for m in self.models():
                 if isinstance(m, nn.Module):
                     stack.enter_context(eval_mode(m))
-            adv = self.perturb(images, labels, target).detach()
-            with torch.no_grad():
-                logits = self.model(adv)
-        eps = per_sample(self.eps, images).flatten()
-        return AttackResult(adv, succeeded(logits, labels, target), eps, logits)
+            yield

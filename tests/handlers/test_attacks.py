@@ -106,6 +106,25 @@ def test_mode_restored_when_model_raises(kind: str) -> None:
     assert _hooks(model) == 0
 
 
+def test_lazy_result_judges_on_first_access(shapes_model, clean) -> None:
+    images, labels = clean
+    calls = []
+    handle = shapes_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        eager = PGD(shapes_model, eps=EPS, steps=2, seed=0)(images, labels)
+        assert len(calls) == 3  # two steps + the judging pass
+        atk = PGD(shapes_model, eps=EPS, steps=2, seed=0)
+        atk.lazy = True
+        lazy = atk(images, labels)
+        assert len(calls) == 5  # two steps, no judging yet
+        shapes_model.train()
+        assert torch.equal(lazy.success, eager.success) and torch.allclose(lazy.logits, eager.logits)
+        assert len(calls) == 6 and shapes_model.training  # judged once, in eval mode, mode restored
+    finally:
+        handle.remove()
+        shapes_model.eval()
+
+
 def test_pgd_l2_stays_in_l2_ball(shapes_model, clean) -> None:
     images, labels = clean
     result = PGD(shapes_model, eps=0.5, steps=5, norm="l2", seed=0)(images, labels)
