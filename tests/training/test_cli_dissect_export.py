@@ -17,7 +17,8 @@ from conceptlens.training.data.shapes import ShapesWorld
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     code = main(["train", "--out", str(out), "--data", "shapes:48", "--val-data", "shapes:16", "--epochs", "1",
-                 "--batch-size", "16", "--attack", "none", "--set", "model.input_size=32", "--set", "eval.robust_n=0", "--no-progress"])
+                 "--batch-size", "16", "--attack", "none", "--set", "model.input_size=32",
+                 "--set", "eval.robust_n=0", "--no-progress"])
     assert code == 0
     return out
 
