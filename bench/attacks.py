@@ -14,6 +14,10 @@ that import fails the two attack modules are loaded directly; they need nothing 
 
     .venv/bin/python bench/attacks.py                      # resnet18 at 32 px, batch 32 (minutes on 2 busy CPUs)
     .venv/bin/python bench/attacks.py --size 224 --repeats 3  # the ImageNet size (slow on CPU)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/attacks.py --repeats 5  # on a CPU shared with other jobs
+
+On a loaded machine, two intra-op threads per process spend most of their time waiting for each other and single
+calls vary tenfold; one thread per process gives stable ratios.
 """
 
 from __future__ import annotations
