@@ -119,11 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="timed calls per latency figure (median)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per Predict p99 point")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads here and in the server (default 1: on a small, busy machine "
+                        "OpenMP barriers across descheduled threads make 2+ threads erratic)")
+    parser.add_argument("--ort-threads", type=int, default=1,
+                        help="the server's ONNX Runtime intra-op threads (default 1, for the same reason)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ensure_torchattacks()
+    os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the server subprocess
     import torch
+
+    torch.set_num_threads(args.torch_threads)  # bench process only; the same count as the server's
     import torchattacks
 
     from conceptlens.handlers.attacks import PGD
@@ -134,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     x = images(8)
     arrays = [im.numpy().astype(np.float32) for im in x]
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-                     "model": described, "torch_threads": torch.get_num_threads(), "eps": EPS, "steps": STEPS}
+                     "model": described, "torch_threads": torch.get_num_threads(),
+                     "ort_threads": args.ort_threads, "eps": EPS, "steps": STEPS}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         export_bundle(model, repo / "shapes" / "1", name="shapes", version=1, layers=["layer2", "layer3"])
-        proc, port = start_server(repo, threads=0)
+        proc, port = start_server(repo, threads=args.ort_threads)
         try:
             with Client(f"127.0.0.1:{port}", timeout=600) as client:
                 def probe(batch: int, **kw):

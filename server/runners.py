@@ -107,13 +107,15 @@ class Runners:
 
 
 def _deadline_check(deadline: float | None):
-    """A callable raising DeadlineExpired once `deadline` (time.monotonic()) has passed; None without one."""
-    if deadline is None:
-        return None
+    """Called between attack steps: yields the GIL (a probe's many small torch calls would otherwise keep the
+    event loop, and so Predict, waiting a switch interval at a time) and raises DeadlineExpired once `deadline`
+    (time.monotonic()) has passed."""
 
     def check() -> None:
-        now = time.monotonic()
-        if now > deadline:
-            raise DeadlineExpired(f"deadline passed {now - deadline:.3f}s ago during the probe; stopped")
+        time.sleep(0)
+        if deadline is not None:
+            now = time.monotonic()
+            if now > deadline:
+                raise DeadlineExpired(f"deadline passed {now - deadline:.3f}s ago during the probe; stopped")
 
     return check
