@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .attacks import FGSM, MIFGSM, PGD, Attack, AttackResult, EnsembleAttack, GhostEnsemble, GhostNetwork, Square
+from .attacks.base import per_sample
 from .attacks.minimal_eps import MinimalEpsilon
 from .backends import ModelRuntime
 from .errors import InvalidInput
@@ -85,7 +86,8 @@ def build_attack(runtime: ModelRuntime, spec: ProbeSpec, eps: float | torch.Tens
     targeted = spec.target is not None
     alpha = spec.step_size
     if spec.kind == "square":
-        atk: Attack = Square(onnx_predict(runtime), eps, n_queries=spec.steps, targeted=targeted, seed=spec.seed)
+        cls = SquarePerImage if search else Square
+        atk: Attack = cls(onnx_predict(runtime), eps, n_queries=spec.steps, targeted=targeted, seed=spec.seed)
     elif spec.kind == "fgsm":
         atk = FGSM(runtime.torch_model, eps, norm=spec.norm, targeted=targeted)
     elif spec.kind == "pgd":
@@ -107,6 +109,22 @@ def build_attack(runtime: ModelRuntime, spec: ProbeSpec, eps: float | torch.Tens
     if check is not None:
         atk.callback = lambda _step: check()
     return atk
+
+
+class SquarePerImage(Square):
+    """Square run one image at a time, each with the same seed: its random squares then depend on the image and ε
+    only, not on which other images share the batch. The minimal-ε search needs such a deterministic attack (with
+    a batch-dependent one its final verification walk can step up and down forever)."""
+
+    def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        eps = per_sample(self.eps, images).flatten()
+        out = []
+        for i in range(images.shape[0]):
+            one = Square(self.model, float(eps[i]), self.n_queries, p_init=self.p_init, targeted=self.targeted,
+                         seed=self.seed)
+            one.callback = self.callback
+            out.append(one.perturb(images[i : i + 1], labels[i : i + 1], None if target is None else target[i : i + 1]))
+        return torch.cat(out)
 
 
 def onnx_predict(runtime: ModelRuntime) -> Callable[[torch.Tensor], torch.Tensor]:
