@@ -16,13 +16,11 @@ Prints a table and writes bench/results/probe.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,20 +31,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import interleaved, pct, start_server  # noqa: E402  (sibling bench module)
+from attacks import load_torchattacks  # noqa: E402  (sibling bench modules)
+from serve import interleaved, pct, start_server  # noqa: E402
 
 log = logging.getLogger("bench.probe")
 SIZE, EPS, STEPS = 32, 8 / 255, 10
-
-
-def ensure_torchattacks() -> None:
-    """pip-install torchattacks into this interpreter's environment if missing (a bench-only extra)."""
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError as err:  # missing, or installed without its dependencies (scipy)
-        log.info("installing torchattacks for the comparison (%s)", err)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torchattacks", "scipy"], check=True)
-        importlib.invalidate_caches()
 
 
 def load_model():
@@ -127,12 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ensure_torchattacks()
+    torchattacks = load_torchattacks(install=True)  # bench/attacks.py's helper: pip-installs it if missing
     os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the server subprocess
     import torch
 
     torch.set_num_threads(args.torch_threads)  # bench process only; the same count as the server's
-    import torchattacks
 
     from conceptlens.handlers.attacks import PGD
     from conceptlens.training.export import export_bundle
@@ -191,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     "flipped_probe": sum(r.flipped for r in served.results),
                     "same_flipped_set": bool((ours_flip == theirs_flip).all())
                                         and [r.flipped for r in served.results] == ours_flip.tolist(),
-                    "torchattacks_version": torchattacks.__version__}
+                    "torchattacks_version": torchattacks.version}
                 # 4. Predict p99 alone and beside back-to-back PGD-10 probes
                 client.predict([arrays[0]], "shapes")
                 alone = predict_under_load(client, "shapes", arrays[0], args.duration)

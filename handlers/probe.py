@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attacks import FGSM, MIFGSM, PGD, Attack, AttackResult, EnsembleAttack, GhostEnsemble, GhostNetwork, Square
+from .attacks import FGSM, MIFGSM, PGD, Attack, AttackResult, GhostEnsemble, LogitEnsemble, Square
 from .attacks.base import per_sample
 from .attacks.minimal_eps import MinimalEpsilon
 from .backends import ModelRuntime
@@ -96,14 +96,11 @@ def build_attack(runtime: ModelRuntime, spec: ProbeSpec, eps: float | torch.Tens
                   restarts=spec.restarts, targeted=targeted, seed=spec.seed)
     elif spec.kind == "mifgsm":
         atk = MIFGSM(runtime.torch_model, eps, alpha, spec.steps, norm=spec.norm, targeted=targeted)
-    elif spec.kind == "ghost-ensemble" and not spec.members:
+    elif spec.kind == "ghost-ensemble":
         atk = GhostEnsemble(runtime.torch_model, eps, alpha, spec.steps, members=spec.ghosts, targeted=targeted,
                             seed=spec.seed)
-    elif spec.kind == "ghost-ensemble":
-        ghosts = [GhostNetwork(runtime.torch_model, seed=spec.seed + i) for i in range(spec.ghosts)]
-        atk = EnsembleAttack([*ghosts, *(m.torch_model for m in spec.members)], None, eps, alpha, spec.steps,
-                             targeted=targeted)
-        atk.model = runtime.torch_model  # judged on the probed model, as GhostEnsemble does
+        if spec.members:  # other served models join the ghosts with equal weight; success stays on the probed model
+            atk.source = LogitEnsemble([*atk.source.members, *(m.torch_model for m in spec.members)])
     else:
         raise InvalidInput("attack.kind", f"unknown attack kind {spec.kind!r}")
     if check is not None:

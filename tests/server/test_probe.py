@@ -169,7 +169,7 @@ def test_over_cap_and_bad_probes_name_the_cap_or_field(served, shapes_batch, opt
     {"attack": "fgsm", "epsilon": 8 / 255},
     {"attack": "pgd", "epsilon": 1.0, "norm": "l2", "steps": 5, "restarts": 2},
     {"attack": "mifgsm", "epsilon": 24 / 255, "steps": 10, "target_class": "boat"},
-    {"attack": "ghost-ensemble", "epsilon": 8 / 255, "steps": 5, "ensemble_models": ["other"]},
+    {"attack": "ghost-ensemble", "epsilon": 16 / 255, "steps": 10, "ensemble_models": ["other"]},
 ], ids=lambda o: o["attack"])
 def test_every_gradient_kind_returns_a_bounded_adversarial_image(served, shapes_batch, options):
     _, client = served
