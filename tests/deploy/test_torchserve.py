@@ -89,6 +89,9 @@ def torchserve(tools, bundle_dir, tmp_path_factory):
     try:
         wait_for(lambda: proc.poll() is None and http("GET", f"{inference}/ping", timeout=5)[0] == 200, 120,
                  f"TorchServe did not answer /ping (log: {log_path})")
+        # The management listener can come up after the inference one: wait for it too before registering.
+        wait_for(lambda: http("GET", f"{management}/models", timeout=5)[0] == 200, 60,
+                 f"TorchServe's management API did not answer (log: {log_path})")
         status, body = http("POST", f"{management}/models?url=small.mar&initial_workers=1&synchronous=true",
                             timeout=300)
         assert status == 200, f"register failed: {status} {body}\n{_tail(work)}"
