@@ -76,8 +76,9 @@ def start_server(repo: Path, threads: int) -> tuple[subprocess.Popen, int]:
 def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
     """Time each function `reps` times, alternating them call by call, so drifting load on a shared machine
     hits all of them alike (side by side in one run)."""
-    for fn in fns.values():
-        fn()  # warm-up
+    for _ in range(3):  # warm-up: first calls pay allocator and thread-pool start-up
+        for fn in fns.values():
+            fn()
     out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -95,8 +96,9 @@ def latency(client, model, images, hidden_layer: str, reps: int) -> dict:
     res = {}
     for batch in (1, 32):
         x = list(images[:batch])
+        # batch-1 calls are short and jittery: at least 30 of them, or the median is noise
         t = interleaved({"predict": lambda x=x: client.predict(x, model),
-                         "last": lambda x=x: client.explain(x, model)}, reps)
+                         "last": lambda x=x: client.explain(x, model)}, max(reps, 30) if batch == 1 else reps)
         # the hidden-layer trace is ~10x slower: fewer calls, each paired with a Predict for its ratio
         th = interleaved({"predict": lambda x=x: client.predict(x, model),
                           "hidden": lambda x=x: client.explain(x, model, layers=[hidden_layer])}, max(1, reps // 2))
