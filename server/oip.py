@@ -116,7 +116,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                               self.predict.limits.max_images)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        logits = await self.predict._batcher(runtime.name, "predict").submit(runtime, images, len(images), deadline)
+        logits = await self.predict.batcher(runtime.name, "predict").submit(runtime, images, len(images), deadline)
         logits = np.ascontiguousarray(logits, dtype="<f4")
         out = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=list(logits.shape))
         return pb.ModelInferResponse(model_name=runtime.name, model_version=str(runtime.version), id=request.id,

@@ -44,7 +44,8 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             await batcher.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
-    def _batcher(self, model: str, method: str) -> Batcher:
+    def batcher(self, model: str, method: str) -> Batcher:
+        """The batching queue of (model, method), made on first use; the Open Inference Protocol shares Predict's."""
         key = (model, method)
         if key not in self._batchers:
             fn = {"predict": self.runners.predict, "explain": self.runners.explain,
@@ -67,7 +68,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
             k = validation.top_k(request.top_k, len(runtime.classes), "top_k")
             images = await self._images(request.images, runtime, self.limits.max_images)
-            logits = await self._batcher(runtime.name, "predict").submit(
+            logits = await self.batcher(runtime.name, "predict").submit(
                 runtime, images, len(images), _deadline(context))
             return pb.PredictResponse(model=runtime.name, version=runtime.version,
                                       predictions=[encoding.prediction(row, runtime.classes, k) for row in logits])
@@ -97,7 +98,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
                 candidates=validation.candidates(request.candidates, self.limits.max_candidates),
                 deadline=deadline,
             )
-            out = await self._batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
+            out = await self.batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
             explanations = []
             probs = encoding.softmax(out.logits.astype("float64"))
             for row, p, result in zip(out.logits, probs, out.traces, strict=True):
@@ -131,7 +132,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             job = ProbeJob(images=images, attack=attack, layers=tuple(layers), top_k_units=top_k_units,
                            candidates=min(validation.DEFAULT_CANDIDATES, self.limits.max_candidates),
                            deadline=deadline)
-            results = await self._batcher(runtime.name, "probe").submit(runtime, job, len(images), deadline)
+            results = await self.batcher(runtime.name, "probe").submit(runtime, job, len(images), deadline)
             k = min(validation.DEFAULT_TOP_K, len(runtime.classes))
             return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=[
                 probe_encoding.result(item, runtime.classes, k, request.return_adversarial) for item in results])
