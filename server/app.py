@@ -24,6 +24,7 @@ from .interceptors import MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
 from .oip import SERVICE_NAME as OIP_SERVICE_NAME
 from .oip import OipServicer
+from .probe_worker import ProbeWorkers
 from .repository import ModelRepository
 from .runners import Runners
 from .servicer import ConceptLensServicer
@@ -49,8 +50,9 @@ class ConceptLensServer:
         self.repository = ModelRepository(config.models, self.metrics, threads=config.threads,
                                           verify_onnx=config.verify_onnx)
         self.health = health.aio.HealthServicer()
-        self.servicer = ConceptLensServicer(config, self.repository,
-                                            Runners(self.metrics, config.plausibility_threshold), self.metrics)
+        self.probe_workers = ProbeWorkers(config.probe_processes, config.probe_threads, config.plausibility_threshold)
+        runners = Runners(self.metrics, config.plausibility_threshold, self.probe_workers)
+        self.servicer = ConceptLensServicer(config, self.repository, runners, self.metrics)
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -61,6 +63,8 @@ class ConceptLensServer:
     async def start(self) -> int:
         cfg = self.config
         await self.repository.refresh()
+        # Probe workers import torch and load the served models in the background; start() does not wait.
+        await asyncio.to_thread(self.probe_workers.start, [self.repository.resolve(n) for n in self.repository.names()])
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics, self.repository.names)]
         if cfg.token:
             interceptors.append(TokenAuthInterceptor(cfg.token))
@@ -106,6 +110,7 @@ class ConceptLensServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.servicer.close()
+        await asyncio.to_thread(self.probe_workers.close)  # no worker process outlives the server
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

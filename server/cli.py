@@ -30,6 +30,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="Predict: images per dynamic batch")
     parser.add_argument("--max-delay-ms", type=float, default=5.0, help="Predict: longest wait to fill a batch")
     parser.add_argument("--no-verify-onnx", action="store_true", help="skip the ONNX-vs-torch check at load")
+    parser.add_argument("--probe-workers", type=int, default=1,
+                        help="Probe: worker processes running attacks beside the server (default 1; 0 = on a "
+                        "server thread, sharing Predict's GIL)")
+    parser.add_argument("--probe-threads", type=int, default=1,
+                        help="Probe: torch and ONNX Runtime threads per worker (default 1)")
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -53,12 +58,16 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         raise InvalidInput("--token-file", f"{args.token_file} is empty")
     if args.threads < 0 or args.poll < 0 or args.grace < 0 or args.max_batch < 1 or args.max_delay_ms < 0:
         raise InvalidInput("arguments", "--threads, --poll, --grace, --max-delay-ms must be >= 0, --max-batch >= 1")
+    if args.probe_workers < 0 or args.probe_threads < 1:
+        raise InvalidInput("arguments", "--probe-workers must be >= 0, --probe-threads >= 1")
     config = ServerConfig(
         models=args.models.resolve(), host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         threads=args.threads, poll_interval_s=args.poll, grace_s=args.grace, verify_onnx=not args.no_verify_onnx,
+        probe_processes=args.probe_workers, probe_threads=args.probe_threads,
     )
-    return replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000))
+    return replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000),
+                   probe=replace(config.probe, workers=max(1, args.probe_workers)))  # a batch per worker at once
 
 
 def run(args: argparse.Namespace) -> int:

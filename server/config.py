@@ -56,6 +56,9 @@ class ServerConfig:
     grace_s: float = 10.0  # SIGTERM: time in-flight calls get to finish
     plausibility_threshold: float = 0.5  # below it an explanation is flagged adversarial
     verify_onnx: bool = True  # check ONNX vs torch outputs when loading a bundle
+    probe_processes: int = 1  # probe worker processes (their own GIL, niced); 0 = probes on a server thread
+    # (probe.workers batches of one model run at once; the CLI sets it to probe_processes)
+    probe_threads: int = 1  # torch and ONNX Runtime intra-op threads of each probe worker
     predict: BatchConfig = field(default_factory=BatchConfig)
     explain: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=16, queue_size=128))
     probe: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=4, queue_size=16))

@@ -1,25 +1,23 @@
 """The blocking work behind each method, run by the batchers on executor threads: one ONNX Runtime pass per
-batch, then per-image tracing. Inputs are already decoded and validated."""
+batch, then per-image tracing; probes are handed to worker processes (server/probe_worker.py). Inputs are already
+decoded and validated."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from conceptlens.handlers.backends import ModelRuntime
-from conceptlens.handlers.probe import ImageProbe, ProbeSpec
-from conceptlens.handlers.probe import probe as run_probe
+from conceptlens.handlers.probe import ImageProbe
 from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image
 
 from .errors import DeadlineExpired
 from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
+from .probe_worker import ProbeWorkers
 
 
 @dataclass(frozen=True)
@@ -31,9 +29,13 @@ class ExplainOutput:
 class Runners:
     """Batch functions bound to the server's metrics and settings."""
 
-    def __init__(self, metrics: Metrics, plausibility_threshold: float) -> None:
+    def __init__(self, metrics: Metrics, plausibility_threshold: float,
+                 probe_workers: ProbeWorkers | None = None) -> None:
         self.metrics = metrics
         self.threshold = plausibility_threshold
+        if probe_workers is None:  # probes on the batcher's own thread
+            probe_workers = ProbeWorkers(0, threshold=plausibility_threshold)
+        self.probe_workers = probe_workers
 
     def _forward(self, runtime: ModelRuntime, images: Sequence[np.ndarray]):
         batch = np.concatenate(list(images), axis=0)
@@ -80,63 +82,27 @@ class Runners:
         return ExplainOutput(out.logits[start : start + n], traces)
 
     def probe(self, runtime: ModelRuntime, jobs: Sequence[ProbeJob]) -> list[list[ImageProbe] | Exception]:
-        """Each job's probe in turn (jobs carry different attacks, so they do not share passes). A job whose
-        deadline passes between attack steps or images, or whose attack refuses its inputs, fails alone."""
-        _background_priority()
+        """Each job's probe in turn on a probe worker process (server/probe_worker.py: its own GIL, so Predict
+        never waits for a probe's torch calls); jobs carry different attacks, so they do not share passes. A job
+        whose deadline passes, whose attack refuses its inputs or whose worker dies fails alone."""
         results: list[list[ImageProbe] | Exception] = []
         for job in jobs:
-            attack = job.attack
-            started = time.perf_counter()
-            spec = ProbeSpec(**{f.name: getattr(attack, f.name) for f in fields(attack)})
-            options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, candidates=job.candidates)
+            kind = job.attack.kind
             try:
-                out = run_probe(runtime, job.images, spec, options, plausibility_threshold=self.threshold,
-                                check=_deadline_check(job.deadline))
-            except (DeadlineExpired, ValueError) as err:  # ValueError: InvalidInput from the attack library
+                out = self.probe_workers.run(runtime, job)
+            except Exception as err:  # InvalidInput, DeadlineExpired, ProbeWorkerLost, ...: the table maps it
                 if isinstance(err, DeadlineExpired):  # counted here: the caller may be gone already
-                    self.metrics.probes.labels(runtime.name, attack.kind, "deadline_exceeded").inc()
+                    self.metrics.probes.labels(runtime.name, kind, "deadline_exceeded").inc()
                 results.append(err)
                 continue
-            self.metrics.probe_duration.labels(runtime.name, attack.kind).observe(time.perf_counter() - started)
-            backend = "onnxruntime" if attack.kind == "square" else "torch"
-            self.metrics.inference.labels(runtime.name, backend).observe(time.perf_counter() - started)
-            for item in out:
-                self.metrics.probes.labels(runtime.name, attack.kind, "flipped" if item.flipped else "robust").inc()
+            self.metrics.probe_duration.labels(runtime.name, kind).observe(out.seconds)
+            backend = "onnxruntime" if kind == "square" else "torch"
+            self.metrics.inference.labels(runtime.name, backend).observe(out.seconds)
+            for item in out.results:
+                self.metrics.probes.labels(runtime.name, kind, "flipped" if item.flipped else "robust").inc()
                 if item.flipped:
                     self.metrics.probe_flips.labels(runtime.name).inc()
                     if item.min_eps is not None:
                         self.metrics.flip_epsilon.labels(runtime.name).observe(item.min_eps)
-            results.append(out)
+            results.append(out.results)
         return results
-
-
-PROBE_NICE = 10  # niceness added to the probe worker thread
-
-
-def _background_priority() -> None:
-    """Probes are background work: lower the calling worker thread's CPU priority (Linux nices threads one by
-    one), so on a busy machine the Predict threads win the cores. Once per thread; silently skipped elsewhere."""
-    tid = threading.get_native_id()
-    if tid in _NICED or not hasattr(os, "setpriority"):
-        return
-    with contextlib.suppress(OSError):  # not permitted here: run at normal priority
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PROBE_NICE))
-    _NICED.add(tid)
-
-
-_NICED: set[int] = set()
-
-
-def _deadline_check(deadline: float | None):
-    """Called between attack steps: yields the GIL (a probe's many small torch calls would otherwise keep the
-    event loop, and so Predict, waiting a switch interval at a time) and raises DeadlineExpired once `deadline`
-    (time.monotonic()) has passed."""
-
-    def check() -> None:
-        time.sleep(0)
-        if deadline is not None:
-            now = time.monotonic()
-            if now > deadline:
-                raise DeadlineExpired(f"deadline passed {now - deadline:.3f}s ago during the probe; stopped")
-
-    return check

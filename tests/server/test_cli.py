@@ -31,6 +31,7 @@ def test_valid_arguments_build_a_frozen_config(tmp_path):
     (["--tls-client-ca", "ca.pem"], "--tls-client-ca: needs --tls-cert"),
     (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert: no such file"),
     (["--max-batch", "0"], "--max-batch >= 1"),
+    (["--probe-workers", "-1"], "--probe-workers must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, extra, message):
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(")):

@@ -1,14 +1,24 @@
 """Probe on a real server over loopback with the real client, on the trained ShapesWorld small_cnn exported as a
-bundle: the probe's PGD is the library's (robust accuracy equals `training.evaluate`), minimal ε is verified per
-image with the library attack, the deadline stops the attack between steps, caps name themselves, and Square runs
-through ONNX alone (the served torch weights are poisoned with NaN)."""
+bundle, probes running in a worker process as served: the probe's PGD is the library's (robust accuracy equals
+`training.evaluate`), minimal ε is verified per image with the library attack, the deadline stops the attack
+between steps, caps name themselves, Square runs through ONNX alone (the bundle's torch weights are poisoned with
+NaN), a killed worker fails only its probe and is replaced, the in-process mode answers the same, and no worker
+process outlives the server."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +27,8 @@ from PIL import Image
 from serving_helpers import config
 
 from conceptlens.handlers.attacks import PGD
-from conceptlens.handlers.zoo import arch_spec, resolve_layer
+from conceptlens.handlers.bundle import WEIGHTS_FILE, sha256_file
+from conceptlens.handlers.zoo import arch_spec, resolve_layer, save_weights
 from conceptlens.server.background import BackgroundServer
 from conceptlens.server.config import Limits
 from conceptlens.training.evaluate import evaluate
@@ -60,7 +71,7 @@ def served(bundles, tmp_path_factory):
     repo = tmp_path_factory.mktemp("probe_repo")
     for bundle in bundles:
         shutil.copytree(bundle, repo / bundle.parent.name / "1")
-    with BackgroundServer(config(repo, limits=LIMITS)) as server, \
+    with BackgroundServer(config(repo, limits=LIMITS, probe_processes=1)) as server, \
             Client(f"127.0.0.1:{server.port}", timeout=120) as client:
         yield server, client
 
@@ -188,20 +199,34 @@ def test_every_gradient_kind_returns_a_bounded_adversarial_image(served, shapes_
     assert any(r.flipped for r in response.results)
 
 
-def test_square_needs_only_the_onnx_session(bundles, tmp_path, shapes_batch):
+def _poison_torch_weights(model, bundle: Path) -> None:
+    """Rewrite the bundle's weights with NaN everywhere but the head (the closed-form last-layer trace uses it,
+    not torch), and its manifest's hash to match: any torch forward pass now gives NaN logits."""
+    poisoned = copy.deepcopy(model)
+    kept = {id(p) for p in resolve_layer(poisoned, arch_spec("small_cnn").head).parameters()}
+    with torch.no_grad():
+        for p in poisoned.parameters():
+            if id(p) not in kept:
+                p.fill_(float("nan"))
+    save_weights(poisoned, bundle / WEIGHTS_FILE)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][WEIGHTS_FILE] = sha256_file(bundle / WEIGHTS_FILE)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_square_needs_only_the_onnx_session(bundles, shapes_model, tmp_path, shapes_batch):
     repo = tmp_path / "repo"
     shutil.copytree(bundles[0], repo / "shapes" / "1")
-    with BackgroundServer(config(repo, limits=LIMITS)) as server, Client(f"127.0.0.1:{server.port}") as client:
-        runtime = server.repository.resolve("shapes")
-        head = resolve_layer(runtime.torch_model, arch_spec("small_cnn").head)
-        kept = {id(p) for p in head.parameters()}  # the closed-form head shares them (numpy views), not torch
-        with torch.no_grad():  # any use of the torch model would now give NaN logits and a failed probe
-            for p in runtime.torch_model.parameters():
-                if id(p) not in kept:
-                    p.fill_(float("nan"))
+    _poison_torch_weights(shapes_model, repo / "shapes" / "1")
+    # the worker process loads the poisoned file too (verify_onnx would refuse the bundle: torch gives NaN)
+    with BackgroundServer(config(repo, limits=LIMITS, verify_onnx=False)) as server, \
+            Client(f"127.0.0.1:{server.port}") as client:
         x = shapes_batch[0][:4]
         response = client.probe(_arrays(x), "shapes", attack="square", epsilon=32 / 255, steps=300,
                                 return_adversarial=True)
+        # the poison reached the worker: a gradient attack there sees NaN logits
+        fgsm = client.probe(_arrays(x[:1]), "shapes", attack="fgsm", epsilon=8 / 255)
+        assert np.isnan(fgsm.results[0].adversarial_prediction.classes[0].logit)
         assert any(r.flipped for r in response.results)
         for image, r in zip(x, response.results, strict=True):
             adv = np.frombuffer(r.adversarial_image.data, "<f4").reshape(3, 32, 32)
@@ -237,3 +262,99 @@ def test_probe_metrics_count_kinds_outcomes_and_duration(served):
     assert registry.get_sample_value("conceptlens_probes_total", {"model": "shapes", "kind": "pgd",
                                                                   "outcome": "resource_exhausted"}) > 0
 
+
+
+def test_a_killed_worker_fails_its_probe_with_unavailable_and_is_replaced(served, shapes_batch):
+    server, client = served
+    workers = server.probe_workers
+    client.probe(_arrays(shapes_batch[0][:1]), "shapes", attack="fgsm", epsilon=2 / 255)  # the worker is up
+    [pid] = workers.pids()
+    failure: list[ServiceError] = []
+
+    def long_probe() -> None:  # many seconds of work: a search with 200-step PGD
+        try:
+            client.probe(_arrays(shapes_batch[0][:8]), "shapes", attack="pgd", epsilon_range=(0, 0.5), steps=200,
+                         timeout=60)
+        except ServiceError as err:
+            failure.append(err)
+
+    caller = threading.Thread(target=long_probe)
+    caller.start()
+    started = time.monotonic()
+    while workers.busy == 0 and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    caller.join(30)
+    assert failure and failure[0].code == "UNAVAILABLE", failure
+    assert "probe worker process" in failure[0].message and "SIGKILL" in failure[0].message, failure[0].message
+    # a new worker answers the next probe; the server never stopped serving
+    response = client.probe(_arrays(shapes_batch[0][:2]), "shapes", attack="fgsm", epsilon=8 / 255)
+    assert len(response.results) == 2
+    assert pid not in workers.pids() and len(workers.pids()) == 1
+    # an idle worker killed between probes is replaced before the next one runs
+    [idle] = workers.pids()
+    os.kill(idle, signal.SIGKILL)
+    while _running(idle):
+        time.sleep(0.01)
+    assert len(client.probe(_arrays(shapes_batch[0][:1]), "shapes", attack="fgsm", epsilon=8 / 255).results) == 1
+
+
+def test_in_process_mode_answers_like_the_worker(served, shapes_batch):
+    server, client = served
+    x = _arrays(shapes_batch[0][:4])
+    options = {"attack": "pgd", "epsilon": 4 / 255, "steps": 5, "random_start": False, "return_adversarial": True}
+    expected = client.probe(x, "shapes", **options)
+    with BackgroundServer(replace(server.config, probe_processes=0)) as local, \
+            Client(f"127.0.0.1:{local.port}", timeout=120) as local_client:
+        assert local.probe_workers.pids() == []
+        got = local_client.probe(x, "shapes", **options)
+    for a, b in zip(expected.results, got.results, strict=True):
+        assert a.flipped == b.flipped
+        assert a.adversarial_prediction.classes[0].index == b.adversarial_prediction.classes[0].index
+        adv_a = np.frombuffer(a.adversarial_image.data, "<f4")
+        adv_b = np.frombuffer(b.adversarial_image.data, "<f4")
+        assert np.allclose(adv_a, adv_b, atol=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (an init that does not reap leaves it listed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_no_worker_process_outlives_sigterm(bundles, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(bundles[0], repo / "shapes" / "1")
+    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1", "--port", "0",
+           "--poll", "0", "--grace", "2", "--no-verify-onnx"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "listening on port" in proc.stdout.readline()
+        children = _children(proc.pid)  # the probe worker (and multiprocessing's resource tracker)
+        assert children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if _running(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

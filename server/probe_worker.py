@@ -1,0 +1,356 @@
+"""Where probes run: in worker processes, so a probe never holds the server's GIL.
+
+A probe is hundreds of small torch calls. On a thread of the server process each call takes the GIL, and the
+grpc.aio event loop and Predict's ONNX Runtime calls wait for it (Predict p99 ×2.75 beside probes on 2 cores,
+niced thread and GIL yields between steps included). So `ProbeWorkers` runs them in `processes` worker processes
+(spawn: a fresh interpreter, none of the server's grpc or ORT threads), each niced +10 as a whole (every thread
+torch or ORT starts inherits it), with `threads` torch and ONNX Runtime threads, and each keeping the runtimes
+it has loaded from their bundle directories (keyed by path and by the parent's runtime object, so a hot-reloaded
+bundle is loaded anew). The workers start with the server, importing torch and loading the served models in the
+background, so the first probe pays neither.
+
+The parent sends plain data (the ProbeJob, its models as `RuntimeRef`s) and gets back the ImageProbes and the
+probe's compute time, or the error as data; metrics stay in the parent (Runners.probe). The worker runs
+handlers/probe.py, the same code as the in-process mode, and checks the deadline between attack steps itself
+(time.monotonic is CLOCK_MONOTONIC, shared by processes on Linux). A worker that dies fails its probe with
+UNAVAILABLE (ProbeWorkerLost) and is replaced; one still busy HANG_GRACE_S past its probe's deadline is killed
+and replaced. `processes=0` runs probes on the calling thread instead (niced, yielding the GIL between steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from conceptlens.handlers.backends import ModelRuntime
+from conceptlens.handlers.bundle import load_bundle
+from conceptlens.handlers.errors import BundleError, InvalidInput, ModelLoading
+from conceptlens.handlers.probe import ImageProbe, ProbeSpec, probe
+from conceptlens.handlers.trace import TraceOptions
+
+from .errors import DeadlineExpired
+from .jobs import ProbeJob
+
+log = logging.getLogger(__name__)
+
+PROBE_NICE = 10  # niceness added to probe work: Predict's threads win the cores on a busy machine
+HANG_GRACE_S = 5.0  # a worker this long past its probe's deadline is stuck in one step: killed and replaced
+CACHE_SIZE = 8  # runtimes a worker keeps; a ghost-ensemble probe uses 1 + max_probe_members (4) at once
+
+
+class ProbeWorkerLost(ModelLoading):
+    """The process running a probe exited under it (killed, out of memory). UNAVAILABLE: a new worker is
+    starting, and a retry runs on it."""
+
+
+@dataclass(frozen=True)
+class RuntimeRef:
+    """A served model version as a worker loads it: bundle directory, the name and version it is served as,
+    and a token for the parent's runtime object (a reloaded bundle is a new object, so a new token)."""
+
+    path: str
+    name: str
+    version: int
+    token: int
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    results: list[ImageProbe]
+    seconds: float  # attack and tracing time, without queueing or transfer
+
+
+def execute(runtime: ModelRuntime, job: ProbeJob, threshold: float, members: Sequence[ModelRuntime] = ()
+            ) -> ProbeOutput:
+    """Run one probe on loaded runtimes (`members`: the ghost-ensemble's other models): the code both modes
+    share. Raises DeadlineExpired once `job.deadline` passes, ValueError (InvalidInput) from the attack library."""
+    check = deadline_check(job.deadline)
+    check()  # it may have passed while the job waited for a worker
+    spec = ProbeSpec(**{f.name: getattr(job.attack, f.name) for f in fields(job.attack)} | {"members": tuple(members)})
+    options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, candidates=job.candidates)
+    started = time.perf_counter()
+    out = probe(runtime, job.images, spec, options, plausibility_threshold=threshold, check=check)
+    return ProbeOutput(out, time.perf_counter() - started)
+
+
+def deadline_check(deadline: float | None) -> Callable[[], None]:
+    """Called between attack steps: yields the GIL (in-process mode: a probe's many small torch calls would
+    otherwise keep the event loop waiting a switch interval at a time) and raises DeadlineExpired once
+    `deadline` (time.monotonic()) has passed."""
+
+    def check() -> None:
+        time.sleep(0)
+        if deadline is not None:
+            now = time.monotonic()
+            if now > deadline:
+                raise DeadlineExpired(f"deadline passed {now - deadline:.3f}s ago during the probe; stopped")
+
+    return check
+
+
+def background_priority() -> None:
+    """In-process mode: lower the calling thread's CPU priority (Linux nices threads one by one). Once per
+    thread; silently skipped where not permitted."""
+    tid = threading.get_native_id()
+    if tid in _NICED or not hasattr(os, "setpriority"):
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PROBE_NICE))
+    _NICED.add(tid)
+
+
+_NICED: set[int] = set()
+
+
+# --- the parent's side -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    threads: int  # torch intra-op and ONNX Runtime intra-op threads
+    threshold: float  # plausibility threshold of the traces
+    priority: int  # the workers' nice value
+    preload: tuple[RuntimeRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Task:
+    model: RuntimeRef
+    job: ProbeJob  # attack.members are RuntimeRefs
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, ctx: Any, settings: _Settings) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, settings), name="conceptlens-probe", daemon=True)
+        self.process.start()
+        child.close()
+        # Nice the new process before it imports torch (its main thread; threads it starts inherit this).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, settings.priority)
+
+    def call(self, task: _Task, deadline: float | None) -> tuple:
+        """Send one task and wait for the answer (the wait releases the GIL). Raises ProbeWorkerLost when the
+        process dies, TimeoutError when it is still busy HANG_GRACE_S after `deadline`."""
+        try:
+            self.conn.send(task)
+            timeout = None if deadline is None else max(0.0, deadline + HANG_GRACE_S - time.monotonic())
+            ready = wait([self.conn, self.process.sentinel], timeout)
+            if self.conn in ready:
+                return self.conn.recv()
+        except (EOFError, OSError):  # OSError: BrokenPipeError, ConnectionResetError
+            ready = [self.process.sentinel]
+        if not ready:
+            raise TimeoutError(f"still busy {HANG_GRACE_S:.0f}s past the probe's deadline")
+        raise ProbeWorkerLost(f"the probe worker process (pid {self.process.pid}) {self.exit_reason()} during "
+                              "this probe; a new one is starting, retry")
+
+    def exit_reason(self) -> str:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        if code is None:
+            return "stopped answering"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
+
+    def stop(self, timeout: float) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self.conn.close()
+
+
+class ProbeWorkers:
+    """The probe worker processes of one server (`processes=0`: probes run on the caller's thread). `run` is
+    called from the probe batchers' executor threads and blocks until its probe is done."""
+
+    def __init__(self, processes: int = 1, threads: int = 1, threshold: float = 0.5) -> None:
+        self.processes = processes
+        base = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+        self._settings = _Settings(threads, threshold, min(19, base + PROBE_NICE))
+        self._ctx = multiprocessing.get_context("spawn")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._tokens: weakref.WeakKeyDictionary[ModelRuntime, int] = weakref.WeakKeyDictionary()
+        self._count = itertools.count(1)
+
+    def start(self, preload: Sequence[ModelRuntime] = ()) -> None:
+        """Start the worker processes without waiting for them: each imports torch and loads `preload`."""
+        settings = replace(self._settings, preload=tuple(self._ref(r) for r in preload))
+        with self._lock:
+            while not self._closed and len(self._workers) < self.processes:
+                self._spawn(settings)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    @property
+    def busy(self) -> int:
+        """Workers running a probe now."""
+        return len(self._workers) - self._idle.qsize()
+
+    def run(self, runtime: ModelRuntime, job: ProbeJob) -> ProbeOutput:
+        """Probe on a worker (or here when processes=0). Raises as `execute` does, and ProbeWorkerLost."""
+        if self.processes == 0:
+            background_priority()
+            return execute(runtime, job, self._settings.threshold, job.attack.members)
+        task = _Task(self._ref(runtime),
+                     replace(job, attack=replace(job.attack, members=tuple(map(self._ref, job.attack.members)))))
+        worker = self._take(job.deadline)
+        try:
+            answer = worker.call(task, job.deadline)
+        except (ProbeWorkerLost, TimeoutError) as err:
+            log.warning("probe worker pid %s replaced: %s", worker.process.pid, err)
+            self._replace(worker)
+            if isinstance(err, TimeoutError):
+                raise DeadlineExpired(f"the probe was still running {HANG_GRACE_S:.0f}s past its deadline; its "
+                                      "worker was restarted") from None
+            raise
+        self._idle.put(worker)
+        return _unpack(answer)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after `timeout`); probes still running fail."""
+        with self._lock:
+            self._closed = True
+            workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.stop(timeout)
+
+    def _take(self, deadline: float | None) -> _Worker:
+        self.start()  # no-op once started; spawns lazily when start() was never called
+        while True:
+            if self._closed:
+                raise ModelLoading("the server is stopping; probe workers are shut down")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExpired("deadline passed while the probe waited for a free probe worker")
+            try:
+                worker = self._idle.get(timeout=min(1.0, remaining) if remaining is not None else 1.0)
+            except queue.Empty:
+                continue
+            if worker.process.is_alive():
+                return worker
+            log.warning("idle probe worker pid %s %s; starting a new one", worker.process.pid, worker.exit_reason())
+            self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.stop(1.0)
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            if not self._closed:
+                self._spawn(self._settings)
+
+    def _spawn(self, settings: _Settings) -> None:  # under self._lock
+        worker = _Worker(self._ctx, settings)
+        self._workers.append(worker)
+        self._idle.put(worker)
+
+    def _ref(self, runtime: ModelRuntime) -> RuntimeRef:
+        with self._lock:
+            token = self._tokens.setdefault(runtime, next(self._count))
+        return RuntimeRef(str(runtime.bundle.root), runtime.name, runtime.version, token)
+
+
+def _unpack(answer: tuple) -> ProbeOutput:
+    """A worker's answer back into a result or the error it stood for."""
+    kind, *rest = answer
+    if kind == "ok":
+        return rest[0]
+    if kind == "invalid":
+        raise InvalidInput(*rest)
+    if kind == "deadline":
+        raise DeadlineExpired(rest[0])
+    if kind == "value":
+        raise ValueError(rest[0])
+    if kind == "bundle":
+        raise BundleError(rest[0])
+    raise RuntimeError(f"probe worker: {rest[0]}\n--- worker traceback ---\n{rest[1]}")  # INTERNAL, logged
+
+
+# --- the worker's side -------------------------------------------------------------------------------------
+
+
+class _Runtimes:
+    """The runtimes a worker has loaded, by bundle path; a new parent token means a reloaded bundle."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._cache: OrderedDict[str, tuple[int, ModelRuntime]] = OrderedDict()
+
+    def get(self, ref: RuntimeRef) -> ModelRuntime:
+        hit = self._cache.get(ref.path)
+        if hit is None or hit[0] != ref.token:
+            runtime = ModelRuntime(load_bundle(ref.path, verify_onnx=False), threads=self.threads)  # checked at load
+            runtime.name, runtime.version = ref.name, ref.version
+            hit = self._cache[ref.path] = (ref.token, runtime)
+        self._cache.move_to_end(ref.path)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return hit[1]
+
+
+def _serve(conn: Connection, settings: _Settings) -> None:
+    """A worker process's main loop: one task at a time until the pipe closes or the parent stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    with contextlib.suppress(OSError, AttributeError):  # again, in case the parent's call came late
+        os.setpriority(os.PRIO_PROCESS, 0, settings.priority)
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    runtimes = _Runtimes(settings.threads)
+    for ref in settings.preload:
+        with contextlib.suppress(Exception):  # a bundle that fails here fails its probes later, with the reason
+            runtimes.get(ref)
+    while True:
+        try:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(_answer(runtimes, task, settings.threshold))
+        except (EOFError, OSError):  # the server is gone
+            return
+
+
+def _answer(runtimes: _Runtimes, task: _Task, threshold: float) -> tuple:
+    """The task's result, or its error as plain data (InvalidInput does not survive pickling)."""
+    try:
+        deadline_check(task.job.deadline)()
+        runtime = runtimes.get(task.model)
+        members = [runtimes.get(ref) for ref in task.job.attack.members]
+        return ("ok", execute(runtime, task.job, threshold, members))
+    except InvalidInput as err:
+        return ("invalid", err.field, err.problem)
+    except DeadlineExpired as err:
+        return ("deadline", str(err))
+    except ValueError as err:
+        return ("value", str(err))
+    except BundleError as err:
+        return ("bundle", str(err))
+    except Exception as err:
+        return ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
