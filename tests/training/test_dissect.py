@@ -112,6 +112,35 @@ def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, 
                                                                 if u.iou > 0]
 
 
+class _SolidColourFirst(torch.utils.data.Dataset):
+    """ShapesWorld items whose first `solid` images are painted all in the planted colour (masks kept)."""
+
+    def __init__(self, data: ShapesWorld, solid: int) -> None:
+        self.data, self.solid, self.concepts, self.classes = data, solid, data.concepts, data.classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        image, label, masks = self.data[i]
+        if i < self.solid:
+            colour = torch.tensor(OBJECT_COLORS[PLANTED], dtype=torch.float32) / 255
+            image = colour.view(3, 1, 1).expand_as(image).clone()
+        return image, label, masks
+
+
+def test_unrepresentative_first_batch_falls_back_to_the_full_sketch_and_stays_exact(tmp_path, caplog):
+    # The first batch is two all-red images: the colour unit's tail bound from it lies above its final T_k.
+    data = _SolidColourFirst(ShapesWorld(60, size=SIZE, seed=6, with_masks=True), solid=2)
+    model = zoo.build_model("test_planted", data.classes, input_size=SIZE, mean=(0, 0, 0), std=(1, 1, 1))
+    with caplog.at_level("WARNING"):
+        result = dissect(model, data, DissectConfig(layers=("detect",), batch_size=2, cache_dir=str(tmp_path)))
+    assert "rerunning the threshold sketch in full" in caplog.text
+    thresholds, iou = _exact(model, data, "detect", 0.005)
+    torch.testing.assert_close(result.layers["detect"].thresholds, thresholds, rtol=0, atol=1e-6)
+    assert (result.layers["detect"].iou - iou).abs().max().item() < 1e-3
+
+
 def test_unpack_accepts_both_item_orders():
     images, masks, labels = torch.rand(2, 3, 4, 4), {"color": torch.zeros(2, 4, 4, dtype=torch.long)}, torch.ones(2)
     for batch in ([images, labels.long(), masks], [images, masks, labels.long()]):

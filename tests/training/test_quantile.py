@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conceptlens.handlers.errors import InvalidInput
-from conceptlens.training.dissect.quantile import QuantileSketch
+from conceptlens.training.dissect.quantile import QuantileSketch, TailSketch
 
 
 def _rank_error(values: torch.Tensor, estimate: torch.Tensor, p: float) -> float:
@@ -62,3 +62,39 @@ def test_sketch_stays_on_the_values_device_and_rejects_bad_input():
         sketch.quantile(1.5)
     with pytest.raises(InvalidInput, match="no values"):
         QuantileSketch(2).quantile(0.5)
+
+
+def test_tail_sketch_is_exact_on_short_streams_and_sorts_only_the_tail():
+    gen = torch.Generator().manual_seed(4)
+    values = torch.relu(torch.randn(6, 20000, generator=gen)) * torch.arange(1, 7).view(6, 1)
+    values[2] = 0.0  # a dead unit: every value ties with its bound
+    tail = TailSketch(6, tail=0.04, k=4096)
+    for chunk in values.split(2500, dim=1):
+        tail.update(chunk)
+    assert tail.count == values.shape[1] and tail.covers(0.995)
+    assert tail.sketch.count < 0.1 * values.shape[1]  # the sketch saw ~4% of the values, plus padding
+    expected = torch.quantile(values, 0.995, dim=1, interpolation="lower")
+    assert torch.equal(tail.quantile(0.995), expected)
+
+
+def test_tail_sketch_keeps_the_full_sketchs_error_through_compactions():
+    gen = torch.Generator().manual_seed(5)
+    k, units = 128, 3
+    tail, chunks = TailSketch(units, tail=0.04, k=k, seed=3), []
+    for i in range(200):
+        chunk = torch.randn(units, 3000, generator=gen) * (1 + i % 4) + (i % 7)  # drifting, non-stationary
+        chunks.append(chunk)
+        tail.update(chunk)
+    values = torch.cat(chunks, dim=1)
+    assert tail.sketch.compactions > 10 and tail.covers(0.995)
+    assert _rank_error(values, tail.quantile(0.995), 0.995) <= 0.25 / k
+
+
+def test_tail_sketch_reports_when_its_first_update_set_the_bound_too_high():
+    tail = TailSketch(2, tail=0.04)
+    tail.update(torch.full((2, 100), 10.0) + torch.arange(100.0))  # the first batch is far above the rest
+    for _ in range(50):
+        tail.update(torch.rand(2, 100))
+    assert not tail.covers(0.995)
+    with pytest.raises(InvalidInput, match="below the values"):
+        tail.quantile(0.995)

@@ -1,7 +1,7 @@
 """Streaming Network Dissection over a concept dataset, with the consistency metrics, in two passes.
 
-Pass 1 (real images): per-unit quantile sketch (T_k), baselines b_k = mean activation, per-class mean
-representations μ_c (for r), GAP ranges (for MIS bins) and concept-class co-occurrence.
+Pass 1 (real images): per-unit tail quantile sketch (T_k; see `TailSketch`), baselines b_k = mean activation,
+per-class mean representations μ_c (for r), GAP ranges (for MIS bins) and concept-class co-occurrence.
 Pass 2: IoU counts with T_k fixed, the top-K image pools for unit consistency, MIS histograms; with
 `adversarial`, a targeted PGD version of each batch (target drawn ≠ source class) is dissected too with the same
 thresholds and masks (they look the same), feeding label stability, the real ∪ adversarial pool and r.
@@ -31,11 +31,12 @@ from .iou import IoUAccumulator
 from .labels import DETECTOR_IOU, Concept, UnitLabel, concept_table, detectors_by_category, label_units
 from .labels import unique_detectors as count_unique
 from .metrics import TopKPool, class_specificity, label_stability, representation_ratio, unit_consistency
-from .quantile import DEFAULT_K, QuantileSketch
+from .quantile import DEFAULT_K, QuantileSketch, TailSketch
 
 log = logging.getLogger(__name__)
 
 R_BINS = 20
+TAIL_MARGIN = 8  # the threshold sketch keeps values above each unit's (1 - 8q) quantile of the first batch
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,16 @@ def dissect(
     device = next(model.parameters()).device
     with eval_mode(model), _ActivationCache(config.cache_dir, layers) as cache:
         stats = _first_pass(model, dataset, config, layers, concepts, classes, device, cache)
+        thresholds = _thresholds(model, dataset, config, layers, stats, device, cache)
         cache.rewind()
-        result = _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat,
+        result = _second_pass(model, dataset, config, layers, stats, thresholds, concepts, categories, concept_cat,
                               classes, affinity, cache)
     return result
 
 
 @dataclass
 class _Stats:
-    sketches: dict[str, QuantileSketch]
+    sketches: dict[str, TailSketch]
     sums: dict[str, torch.Tensor]
     positions: dict[str, int]
     gap_min: dict[str, torch.Tensor]
@@ -175,21 +177,22 @@ def _first_pass(model, dataset, config, layers, concepts, classes, device, cache
                 raise InvalidInput("layers", f"{name} outputs shape {tuple(a.shape)}; dissection needs (N,C,H,W)")
             units = a.shape[1]
             if name not in stats.sketches:
-                stats.sketches[name] = QuantileSketch(units, k=config.sketch_k, seed=config.seed)
+                stats.sketches[name] = TailSketch(units, tail=min(1.0, TAIL_MARGIN * config.quantile),
+                                                  k=config.sketch_k, seed=config.seed)
                 stats.sums[name] = a.new_zeros(units, dtype=torch.float64)
                 stats.positions[name] = 0
                 stats.gap_min[name] = a.new_full((units,), float("inf"))
                 stats.gap_max[name] = a.new_full((units,), float("-inf"))
                 stats.rep_sum[name] = a.new_zeros((len(classes), a[0].numel()), dtype=torch.float64)
             stats.sketches[name].update(a.transpose(0, 1).reshape(units, -1))
-            stats.sums[name] += a.double().sum((0, 2, 3))
+            stats.sums[name] += a.sum((0, 2, 3)).double()  # per-batch float32 sums; the running total in float64
             stats.positions[name] += a.shape[0] * a.shape[2] * a.shape[3]
             gap = a.mean((2, 3))
             stats.gap_min[name] = torch.minimum(stats.gap_min[name], gap.min(0).values)
             stats.gap_max[name] = torch.maximum(stats.gap_max[name], gap.max(0).values)
             if labels is not None:
-                onehot = torch.nn.functional.one_hot(labels.to(device), len(classes)).double()
-                stats.rep_sum[name] += onehot.t() @ a.flatten(1).double()
+                onehot = torch.nn.functional.one_hot(labels.to(device), len(classes)).float()
+                stats.rep_sum[name] += (onehot.t() @ a.flatten(1)).double()
         if labels is not None:
             stats.labelled = True
             onehot = torch.nn.functional.one_hot(labels.to(device), len(classes)).double()
@@ -204,6 +207,27 @@ def _first_pass(model, dataset, config, layers, concepts, classes, device, cache
     if stats.images == 0:
         raise InvalidInput("data", "the dataset is empty")
     return stats
+
+
+def _thresholds(model, dataset, config, layers, stats, device, cache) -> dict[str, torch.Tensor]:
+    """T_k per layer from pass 1's tail sketches. A layer whose first batch set a tail bound above some unit's
+    final quantile (see `TailSketch.covers`) gets an extra pass with the full sketch instead: slower, same answer."""
+    p = 1 - config.quantile
+    short = [name for name in layers if not stats.sketches[name].covers(p)]
+    full: dict[str, QuantileSketch] = {}
+    if short:
+        log.warning("dissect: the first batch was unrepresentative for %s; rerunning the threshold sketch in full",
+                    ", ".join(short))
+        cache.rewind()
+        for _, batch in _batches(dataset, config, "dissect: full threshold pass"):
+            images = unpack(batch)[0].to(device)
+            acts = cache.read(images.shape[0], device) if cache.enabled else _forward(model, short, images)[1]
+            for name in short:
+                a = acts[name]
+                if name not in full:
+                    full[name] = QuantileSketch(a.shape[1], k=config.sketch_k, seed=config.seed)
+                full[name].update(a.transpose(0, 1).reshape(a.shape[1], -1))
+    return {name: (full.get(name) or stats.sketches[name]).quantile(p).to(device) for name in layers}
 
 
 class _ActivationCache:
@@ -261,10 +285,10 @@ def _target_classes(labels: torch.Tensor, num_classes: int, generator: torch.Gen
     return (labels.cpu() + shift) % num_classes
 
 
-def _second_pass(model, dataset, config, layers, stats, concepts, categories, concept_cat, classes, affinity, cache):
+def _second_pass(model, dataset, config, layers, stats, thresholds, concepts, categories, concept_cat, classes,
+                 affinity, cache):
     device = next(model.parameters()).device
     n_cls = len(classes)
-    thresholds = {name: stats.sketches[name].quantile(1 - config.quantile).to(device) for name in layers}
     baselines = {name: (stats.sums[name] / stats.positions[name]).float() for name in layers}
     means = {name: stats.rep_sum[name] / stats.class_count.clamp(min=1).unsqueeze(1) for name in layers}
     acc = {name: IoUAccumulator(thresholds[name], concept_cat, categories) for name in layers}

@@ -78,7 +78,7 @@ class IoUAccumulator:
 
         Sparse and exact: bilinear upsampling is a convex combination of the 4 nearest cells, so a map whose
         maximum is ≤ T_k has an empty M_k. Only (image, unit) maps with max > T_k are upsampled, and only their
-        True pixels are counted (one index_put_ per category), so the cost follows the ~q share of active maps
+        True pixels are counted (one bincount over all categories), so the cost follows the ~q share of active maps
         rather than units × pixels × concepts.
         """
         if acts.dim() != 4 or acts.shape[1] != self.units:
@@ -107,10 +107,10 @@ class IoUAccumulator:
             if sel.numel() == 0:
                 continue
             units, images = k_idx[sel], b_idx[sel]
-            ones = torch.ones(sel.numel(), dtype=torch.float64, device=device)
-            for cat in present:
-                concept = labels[cat][images, ys, xs].clamp(0, self.num_concepts - 1)
-                self.intersection.index_put_((units, concept), ones, accumulate=True)
+            cells = torch.cat([units * self.num_concepts + labels[cat][images, ys, xs].clamp(0, self.num_concepts - 1)
+                               for cat in present])  # one (unit, concept) cell per True pixel and category
+            self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
+                self.intersection)
         self.images += acts.shape[0]
 
     def union(self) -> torch.Tensor:

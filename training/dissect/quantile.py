@@ -108,3 +108,91 @@ class QuantileSketch:
                                                  dtype=torch.float64), right=True)
         idx = idx.clamp_(max=values.shape[1] - 1)
         return torch.gather(torch.gather(values, 1, order), 1, idx).squeeze(1)
+
+    def top_rank(self, rank: int) -> torch.Tensor:
+        """Per unit, the value with 0-based rank `rank` counted from the largest: shape (units,). Only the
+        items above it are summed, so items at the bottom of the sketch (the tail sketch's padding) never count."""
+        if self.count == 0:
+            raise InvalidInput("sketch", "no values seen yet")
+        values = torch.cat(self.levels, dim=1)
+        weights = torch.cat([
+            torch.full((lvl.shape[1],), float(2**h), device=values.device, dtype=torch.float64)
+            for h, lvl in enumerate(self.levels)
+        ])
+        order = torch.argsort(values, dim=1, descending=True)
+        cum = torch.cumsum(weights[order], dim=1)  # (units, m): weight of items >= each sorted item
+        idx = torch.searchsorted(cum, torch.full((self.units, 1), float(rank), device=values.device,
+                                                 dtype=torch.float64), right=True)
+        idx = idx.clamp_(max=values.shape[1] - 1)
+        return torch.gather(torch.gather(values, 1, order), 1, idx).squeeze(1)
+
+
+class TailSketch:
+    """Upper quantiles (p ≥ 1 − `tail`) of `units` streams, sketching only the values that can be the answer.
+
+    Dissection asks one quantile per unit, the top q = 0.005 tail. Values at or below a bound that lies under
+    that quantile can never be the answer, so they are only counted. The bound is each unit's exact (1 − tail)
+    order statistic in the first update (the engine uses tail = 8q: a margin for drift between batches); per
+    update only each unit's values above its bound enter a `QuantileSketch`, as one fixed-width block (the
+    widest unit's count; shorter units are padded with −inf). Quantiles are then read by rank counted from the
+    top, where neither the padding nor the dropped values can sit, so the answer is the one the full sketch
+    gives on the same top values, at ~1/tail less sorting (a unit with fewer values above its bound than the
+    rank asked, but enough equal to it, answers the bound). `covers(p)` says whether every unit saw enough values
+    at or above its bound for the rank asked; it fails only when the first update ran far above the rest, and the
+    caller then falls back to a full `QuantileSketch` pass.
+    """
+
+    def __init__(self, units: int, *, tail: float, k: int = DEFAULT_K, seed: int = 0) -> None:
+        if not 0.0 < tail <= 1.0:
+            raise InvalidInput("tail", f"must be in (0, 1], got {tail}")
+        self.tail = float(tail)
+        self.sketch = QuantileSketch(units, k=k, seed=seed)
+        self.units = self.sketch.units
+        self.count = 0  # values seen per unit, above the bound or not
+        self.bound: torch.Tensor | None = None  # (units,)
+        self.above: torch.Tensor | None = None  # (units,) values seen above the bound, exact
+        self.at_bound: torch.Tensor | None = None  # (units,) values seen equal to the bound (dead ReLU units: all)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Absorb `values` (units, n): n new observations for every unit."""
+        if values.dim() != 2 or values.shape[0] != self.units:
+            raise InvalidInput("values", f"expected shape ({self.units}, n), got {tuple(values.shape)}")
+        n = values.shape[1]
+        if n == 0:
+            return
+        values = values.detach().float()
+        if self.bound is None:
+            rank = max(1, math.ceil((1.0 - self.tail) * n))  # kthvalue is 1-based
+            self.bound = values.kthvalue(rank, dim=1).values
+            self.above = torch.zeros(self.units, dtype=torch.long, device=values.device)
+            self.at_bound = torch.zeros_like(self.above)
+        bound = self.bound.unsqueeze(1)
+        counts = (values > bound).sum(1)
+        self.above += counts
+        self.at_bound += (values == bound).sum(1)
+        self.count += n
+        width = int(counts.max())
+        if width == 0:
+            return
+        top = values.topk(width, dim=1, sorted=False).values
+        self.sketch.update(top.masked_fill(top <= self.bound.unsqueeze(1), float("-inf")))
+
+    def _rank_from_top(self, p: float) -> int:
+        return (self.count - 1) - math.floor(p * (self.count - 1))
+
+    def covers(self, p: float) -> bool:
+        """True when every unit's p-quantile lies above its bound, so `quantile(p)` is the sketch's answer."""
+        if self.count == 0 or self.above is None:
+            return False
+        return bool((self.above + self.at_bound > self._rank_from_top(p)).all())
+
+    def quantile(self, p: float) -> torch.Tensor:
+        """Per unit, the value whose ascending rank is floor(p·(n-1)), as `QuantileSketch.quantile`: (units,)."""
+        if not 0.0 <= p <= 1.0:
+            raise InvalidInput("p", f"must be in [0, 1], got {p}")
+        if not self.covers(p):
+            raise InvalidInput("p", f"quantile {p} is below the values this tail sketch kept (tail {self.tail})")
+        rank = self._rank_from_top(p)
+        if self.sketch.count == 0:  # nothing ever rose above the bound: the answer is the bound itself
+            return self.bound.clone()
+        return torch.where(self.above > rank, self.sketch.top_rank(rank), self.bound)
