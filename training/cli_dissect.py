@@ -40,8 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="top images per unit for consistency (default 50)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
     parser.add_argument("--cache-dir", type=Path,
-                        help="spill pass-1 activations to files here so pass 2 skips the forward pass "
-                             "(disk grows with the images, memory does not; deleted afterwards)")
+                        help="where pass-1 activations are spilled so pass 2 skips the forward pass (default: the "
+                             "system temp directory; disk grows with the images, memory does not; deleted "
+                             "afterwards; skipped with a warning if it would fill more than half the free space)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run the model again in pass 2 instead of caching activations on disk")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random start and targets")
     parser.add_argument("--json", action="store_true", help="print the per-layer metrics as JSON")
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = DissectConfig(layers=tuple(layers), quantile=args.quantile, iou_threshold=args.iou_threshold,
                            batch_size=args.batch_size, top_k=args.top_k, adversarial=args.adversarial,
                            eps=args.eps, steps=args.steps, seed=args.seed, max_images=args.max_images,
-                           cache_dir=str(args.cache_dir) if args.cache_dir else None)
+                           cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None)
     start = time.perf_counter()
     result = dissect(model, data, config, affinity=affinity)
     seconds = time.perf_counter() - start

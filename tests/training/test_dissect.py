@@ -101,7 +101,7 @@ def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, 
     # layer1 gives 40·16·16 = 10240 values per unit: more than k, so the sketch compacts (the top stays exact).
     # With `cache`, pass 2 reads pass 1's activations back from disk instead of running the model again.
     result = dissect(model, data, DissectConfig(layers=(layer,), batch_size=7, sketch_k=4096, quantile=q,
-                                                cache_dir=str(tmp_path) if cache else None))
+                                                cache=cache, cache_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []  # the cache cleans up after itself
     thresholds, iou = _exact(model, data, layer, q)
     got = result.layers[layer]
@@ -162,3 +162,29 @@ def test_cooccurrence_and_baselines_are_measured():
     torch.testing.assert_close(result.layers["layer3"].baselines, acts["layer3"].mean((0, 2, 3)), rtol=1e-5,
                                atol=1e-6)
     assert CONCEPT_ID["object", data.classes[0]] in {c.id for c in result.concepts}
+
+
+@pytest.mark.parametrize(("src", "dst"), [((8, 8), (32, 32)), ((7, 7), (224, 224)), ((5, 9), (17, 40)),
+                                          ((16, 16), (8, 8))])
+def test_separable_upsample_equals_bilinear_interpolate(src, dst):
+    from conceptlens.training.dissect.iou import upsample
+
+    a = torch.randn(3, 4, *src, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(a, size=dst, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample(a, dst), expected, rtol=0, atol=2e-6)
+
+
+def test_cache_that_would_fill_the_disk_is_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    data = ShapesWorld(20, size=SIZE, seed=8, with_masks=True)
+    model = zoo.build_model("small_cnn", data.classes, input_size=SIZE).eval()
+    plain = dissect(model, data, DissectConfig(layers=("layer2",), batch_size=8, cache=False))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, 1 << 30, 1024))  # a full disk
+    with caplog.at_level("WARNING"):
+        cached = dissect(model, data, DissectConfig(layers=("layer2",), batch_size=8, cache_dir=str(tmp_path)))
+    assert "running the model again in pass 2" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(cached.layers["layer2"].iou, plain.layers["layer2"].iou, rtol=0, atol=0)

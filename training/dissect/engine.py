@@ -11,6 +11,7 @@ Everything stays on the model's device and nothing grows with the number of imag
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ class DissectConfig:
     seed: int = 0
     num_workers: int = 0
     max_images: int | None = None
-    cache_dir: str | None = None  # spill pass-1 activations here so pass 2 skips the forward (disk grows, RAM not)
+    cache: bool = True  # spill pass-1 activations to disk so pass 2 reads them instead of running the model
+    cache_dir: str | None = None  # where the cache files go; None: the system temp directory
 
 
 @dataclass
@@ -139,7 +141,9 @@ def dissect(
     categories, concept_cat = concept_table(concepts)
     classes = list(model.classes)
     device = next(model.parameters()).device
-    with eval_mode(model), _ActivationCache(config.cache_dir, layers) as cache:
+    n_images = len(dataset) if config.max_images is None else min(len(dataset), config.max_images)
+    directory = (config.cache_dir or tempfile.gettempdir()) if config.cache else None
+    with eval_mode(model), _ActivationCache(directory, layers, n_images) as cache:
         stats = _first_pass(model, dataset, config, layers, concepts, classes, device, cache)
         thresholds = _thresholds(model, dataset, config, layers, stats, device, cache)
         cache.rewind()
@@ -233,11 +237,14 @@ def _thresholds(model, dataset, config, layers, stats, device, cache) -> dict[st
 class _ActivationCache:
     """Pass-1 activations written sequentially to one raw float32 file per layer and read back in the same
     order in pass 2, as NetDissect-Lite caches features. Plain file I/O (not mmap), so the resident memory stays
-    that of one batch; the files are deleted on exit. Disabled (a no-op) without a directory."""
+    that of one batch; the files are deleted on exit. Disabled (a no-op) without a directory, and switched off
+    with a warning at the first batch when the whole cache would need more than half the free disk space
+    (pass 2 then runs the model again: slower, same result)."""
 
-    def __init__(self, directory: str | None, layers: Sequence[str]) -> None:
+    def __init__(self, directory: str | None, layers: Sequence[str], images: int = 0) -> None:
         self.enabled = directory is not None
         self.layers = list(layers)
+        self.images = images
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.paths: dict[str, Path] = {}
         self.files: dict[str, Any] = {}
@@ -260,10 +267,24 @@ class _ActivationCache:
     def write(self, acts: Mapping[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
+        if not self.shapes and not self._fits(acts):
+            return
         for name in self.layers:
             a = acts[name].detach().float().contiguous()
             self.shapes[name] = tuple(a.shape[1:])
             self.files[name].write(a.cpu().numpy().tobytes())
+
+    def _fits(self, acts: Mapping[str, torch.Tensor]) -> bool:
+        """At the first batch: does the whole cache fit in half the free space? If not, turn the cache off."""
+        need = 4 * self.images * sum(acts[name][0].numel() for name in self.layers)
+        free = shutil.disk_usage(self._tmp.name).free
+        if need <= free // 2:
+            return True
+        log.warning("dissect: the activation cache needs %.1f GB but %s has %.1f GB free; running the model "
+                    "again in pass 2 instead", need / 1e9, self._tmp.name, free / 1e9)
+        self.__exit__()
+        self.enabled, self.files = False, {}
+        return False
 
     def rewind(self) -> None:
         if self.enabled:
