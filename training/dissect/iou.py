@@ -111,6 +111,7 @@ class IoUAccumulator:
         size = tuple(labels[present[0]].shape[-2:])
         self.label_pixels += prepared.label_pixels
         cat_cols = torch.tensor([self.categories.index(cat) for cat in present], device=device)
+        stacked = torch.stack([labels[cat].flatten() for cat in present])  # (categories, B·H·W) concept ids
         active = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).nonzero()  # (n, 2): (image, unit) pairs
         pixels = size[0] * size[1]
         step = max(1, _CHUNK_ELEMENTS // pixels)
@@ -118,16 +119,16 @@ class IoUAccumulator:
             b_idx, k_idx = active[start : start + step].unbind(1)
             maps = acts[b_idx, k_idx].unsqueeze(1)  # (n,1,h,w)
             m = unit_masks(maps, size, self.thresholds[k_idx]).squeeze(1)  # (n,H,W): thresholds per row
-            per_map = m.flatten(1).sum(1).double()  # |M_k(x)| for each selected pair
-            self.mask_pixels[:, cat_cols] += torch.zeros(
-                self.units, len(present), dtype=torch.float64, device=device
-            ).index_add_(0, k_idx, per_map.unsqueeze(1) * annotated[b_idx].double())
             sel, ys, xs = m.nonzero(as_tuple=True)
             if sel.numel() == 0:
                 continue
+            per_map = torch.bincount(sel, minlength=len(k_idx)).double()  # |M_k(x)| for each selected pair
+            self.mask_pixels[:, cat_cols] += torch.zeros(
+                self.units, len(present), dtype=torch.float64, device=device
+            ).index_add_(0, k_idx, per_map.unsqueeze(1) * annotated[b_idx].double())
             units, images = k_idx[sel], b_idx[sel]
-            cells = torch.cat([units * self.num_concepts + labels[cat][images, ys, xs].clamp(0, self.num_concepts - 1)
-                               for cat in present])  # one (unit, concept) cell per True pixel and category
+            concept = stacked[:, (images * size[0] + ys) * size[1] + xs].clamp_(0, self.num_concepts - 1)
+            cells = (units * self.num_concepts + concept).flatten()  # a (unit, concept) cell per True pixel, category
             self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
                 self.intersection)
         self.images += acts.shape[0]
