@@ -96,18 +96,8 @@ class QuantileSketch:
             raise InvalidInput("p", f"must be in [0, 1], got {p}")
         if self.count == 0:
             raise InvalidInput("sketch", "no values seen yet")
-        values = torch.cat(self.levels, dim=1)
-        weights = torch.cat([
-            torch.full((lvl.shape[1],), float(2**h), device=values.device, dtype=torch.float64)
-            for h, lvl in enumerate(self.levels)
-        ])
-        order = torch.argsort(values, dim=1)
-        cum = torch.cumsum(weights[order], dim=1)  # (units, m): weight of items <= each sorted item
-        rank = math.floor(p * (self.count - 1))
-        idx = torch.searchsorted(cum, torch.full((self.units, 1), float(rank), device=values.device,
-                                                 dtype=torch.float64), right=True)
-        idx = idx.clamp_(max=values.shape[1] - 1)
-        return torch.gather(torch.gather(values, 1, order), 1, idx).squeeze(1)
+        # compaction keeps the total weight equal to the count, so ascending rank r is rank n-1-r from the top
+        return self.top_rank((self.count - 1) - math.floor(p * (self.count - 1)))
 
     def top_rank(self, rank: int) -> torch.Tensor:
         """Per unit, the value with 0-based rank `rank` counted from the largest: shape (units,). Only the
