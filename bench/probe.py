@@ -7,10 +7,12 @@ weights with warmed BatchNorm statistics):
   - the minimal-ε search (range 0..16/255, tolerance 1/255) against one fixed-ε PGD-10 probe, both at batch 8;
   - the library PGD-10 against torchattacks' PGD on the same model and images in this process (time and agreement
     of the flipped set, both without a random start), beside the served probe;
-  - Predict p99 with and without a client sending PGD-10 probes back to back (target: within 1.5×).
+  - Predict p50 and p99 with and without a client sending PGD-10 probes back to back (target: p99 within 1.5×),
+    with the server as deployed: probes in one worker process (`--probe-workers 1`, its own GIL, niced);
+    `--probe-workers 0` measures the in-process mode for comparison.
 Prints a table and writes bench/results/probe.json.
 
-    .venv/bin/python bench/probe.py [--reps 3] [--duration 3]
+    .venv/bin/python bench/probe.py [--reps 3] [--duration 3] [--probe-workers 1]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import load_torchattacks  # noqa: E402  (sibling bench modules)
-from serve import interleaved, pct, start_server  # noqa: E402
+from serve import interleaved, pct  # noqa: E402
 
 log = logging.getLogger("bench.probe")
 SIZE, EPS, STEPS = 32, 8 / 255, 10
@@ -104,6 +107,19 @@ def predict_under_load(client, model: str, image, duration: float, probe=None) -
     return {"p50_s": pct(lat, 50), "p99_s": pct(lat, 99), "calls": len(lat), "probes": probes[0]}
 
 
+def start_server(repo: Path, threads: int, probe_workers: int, probe_threads: int) -> tuple[subprocess.Popen, int]:
+    """`conceptlens serve` as deployed (bench/serve.py's start, plus the probe worker settings)."""
+    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1", "--port", "0",
+           "--poll", "0", "--threads", str(threads), "--probe-workers", str(probe_workers),
+           "--probe-threads", str(probe_threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "listening on port" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, int(line.rsplit(" ", 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="timed calls per latency figure (median)")
@@ -113,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                         "OpenMP barriers across descheduled threads make 2+ threads erratic)")
     parser.add_argument("--ort-threads", type=int, default=1,
                         help="the server's ONNX Runtime intra-op threads (default 1, for the same reason)")
+    parser.add_argument("--probe-workers", type=int, default=1,
+                        help="the server's probe worker processes (default 1, as served; 0 = probes on a server "
+                        "thread, sharing Predict's GIL); each runs --torch-threads threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -131,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     arrays = [im.numpy().astype(np.float32) for im in x]
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                      "model": described, "torch_threads": torch.get_num_threads(),
-                     "ort_threads": args.ort_threads, "eps": EPS, "steps": STEPS}
+                     "ort_threads": args.ort_threads, "probe_workers": args.probe_workers, "eps": EPS, "steps": STEPS}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         export_bundle(model, repo / "shapes" / "1", name="shapes", version=1, layers=["layer2", "layer3"])
-        proc, port = start_server(repo, threads=args.ort_threads)
+        proc, port = start_server(repo, args.ort_threads, args.probe_workers, args.torch_threads)
         try:
             with Client(f"127.0.0.1:{port}", timeout=600) as client:
                 def probe(batch: int, **kw):
@@ -203,9 +222,14 @@ def main(argv: list[str] | None = None) -> int:
           f"served probe {v['probe_s'] * 1e3:.1f} ms; flipped {v['flipped_ours']}/{v['flipped_torchattacks']}/"
           f"{v['flipped_probe']}, same set: {v['same_flipped_set']}")
     p = results["predict_p99"]
+    where = f"{args.probe_workers} probe worker process(es)" if args.probe_workers else "probes in-process"
     print(f"  Predict p99 alone {p['alone']['p99_s'] * 1e3:.1f} ms, with probes "
           f"{p['with_probes']['p99_s'] * 1e3:.1f} ms (x{p['ratio']:.2f}, target <= 1.5; "
-          f"{p['with_probes']['probes']} probes ran)")
+          f"{p['with_probes']['probes']} probes ran; {where})")
+    p50 = p["with_probes"]["p50_s"] / p["alone"]["p50_s"]
+    print(f"  Predict p50 alone {p['alone']['p50_s'] * 1e3:.2f} ms, with probes "
+          f"{p['with_probes']['p50_s'] * 1e3:.2f} ms (x{p50:.2f}); {p['alone']['calls']} and "
+          f"{p['with_probes']['calls']} calls")
     print(f"\nload average at start {results['load_average'][0]:.1f} on {results['cpus']} CPUs; wrote {args.out}")
     return 0
 

@@ -50,7 +50,8 @@ class ConceptLensServer:
         self.repository = ModelRepository(config.models, self.metrics, threads=config.threads,
                                           verify_onnx=config.verify_onnx)
         self.health = health.aio.HealthServicer()
-        self.probe_workers = ProbeWorkers(config.probe_processes, config.probe_threads, config.plausibility_threshold)
+        self.probe_workers = ProbeWorkers(config.probe_processes, config.probe_threads, config.plausibility_threshold,
+                                          pin=config.probe_pinning)
         runners = Runners(self.metrics, config.plausibility_threshold, self.probe_workers)
         self.servicer = ConceptLensServicer(config, self.repository, runners, self.metrics)
         self.port = 0

@@ -35,6 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "server thread, sharing Predict's GIL)")
     parser.add_argument("--probe-threads", type=int, default=1,
                         help="Probe: torch and ONNX Runtime threads per worker (default 1)")
+    parser.add_argument("--no-probe-pinning", action="store_true",
+                        help="Probe: let workers run on any CPU (default: each pinned to its own, from the last one)")
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -65,6 +67,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         threads=args.threads, poll_interval_s=args.poll, grace_s=args.grace, verify_onnx=not args.no_verify_onnx,
         probe_processes=args.probe_workers, probe_threads=args.probe_threads,
+        probe_pinning=not args.no_probe_pinning,
     )
     return replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000),
                    probe=replace(config.probe, workers=max(1, args.probe_workers)))  # a batch per worker at once

@@ -59,6 +59,7 @@ class ServerConfig:
     probe_processes: int = 1  # probe worker processes (their own GIL, niced); 0 = probes on a server thread
     # (probe.workers batches of one model run at once; the CLI sets it to probe_processes)
     probe_threads: int = 1  # torch and ONNX Runtime intra-op threads of each probe worker
+    probe_pinning: bool = True  # pin each probe worker to its own CPUs, from the last one down
     predict: BatchConfig = field(default_factory=BatchConfig)
     explain: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=16, queue_size=128))
     probe: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=4, queue_size=16))

@@ -3,11 +3,11 @@
 A probe is hundreds of small torch calls. On a thread of the server process each call takes the GIL, and the
 grpc.aio event loop and Predict's ONNX Runtime calls wait for it (Predict p99 ×2.75 beside probes on 2 cores,
 niced thread and GIL yields between steps included). So `ProbeWorkers` runs them in `processes` worker processes
-(spawn: a fresh interpreter, none of the server's grpc or ORT threads), each niced +10 as a whole (every thread
-torch or ORT starts inherits it), with `threads` torch and ONNX Runtime threads, and each keeping the runtimes
-it has loaded from their bundle directories (keyed by path and by the parent's runtime object, so a hot-reloaded
-bundle is loaded anew). The workers start with the server, importing torch and loading the served models in the
-background, so the first probe pays neither.
+(spawn: a fresh interpreter, none of the server's grpc or ORT threads), each background work to the scheduler
+(a session and autogroup of its own, niced +10, pinned to its own CPUs: `_background`), with `threads` torch and
+ONNX Runtime threads, each keeping the runtimes it has loaded from their bundle directories (keyed by path and
+by the parent's runtime object, so a hot-reloaded bundle is loaded anew). The workers start with the server,
+importing torch and loading the served models in the background, so the first probe pays neither.
 
 The parent sends plain data (the ProbeJob, its models as `RuntimeRef`s) and gets back the ImageProbes and the
 probe's compute time, or the error as data; metrics stay in the parent (Runners.probe). The worker runs
@@ -125,6 +125,7 @@ class _Settings:
     threshold: float  # plausibility threshold of the traces
     priority: int  # the workers' nice value
     preload: tuple[RuntimeRef, ...] = ()
+    cpus: frozenset[int] = frozenset()  # pinned to these; empty: not pinned
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,10 @@ class _Task:
 
 
 class _Worker:
-    """One worker process and the parent's end of its pipe."""
+    """One worker process (the `index`-th of the pool) and the parent's end of its pipe."""
 
-    def __init__(self, ctx: Any, settings: _Settings) -> None:
+    def __init__(self, ctx: Any, settings: _Settings, index: int) -> None:
+        self.index = index
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, settings), name="conceptlens-probe", daemon=True)
         self.process.start()
@@ -185,8 +187,9 @@ class ProbeWorkers:
     """The probe worker processes of one server (`processes=0`: probes run on the caller's thread). `run` is
     called from the probe batchers' executor threads and blocks until its probe is done."""
 
-    def __init__(self, processes: int = 1, threads: int = 1, threshold: float = 0.5) -> None:
+    def __init__(self, processes: int = 1, threads: int = 1, threshold: float = 0.5, *, pin: bool = True) -> None:
         self.processes = processes
+        self.pin = pin
         base = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
         self._settings = _Settings(threads, threshold, min(19, base + PROBE_NICE))
         self._ctx = multiprocessing.get_context("spawn")
@@ -201,8 +204,9 @@ class ProbeWorkers:
         """Start the worker processes without waiting for them: each imports torch and loads `preload`."""
         settings = replace(self._settings, preload=tuple(self._ref(r) for r in preload))
         with self._lock:
-            while not self._closed and len(self._workers) < self.processes:
-                self._spawn(settings)
+            free = sorted(set(range(self.processes)) - {w.index for w in self._workers})
+            for index in free if not self._closed else ():
+                self._spawn(settings, index)
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -264,12 +268,21 @@ class ProbeWorkers:
             if worker in self._workers:
                 self._workers.remove(worker)
             if not self._closed:
-                self._spawn(self._settings)
+                self._spawn(self._settings, worker.index)
 
-    def _spawn(self, settings: _Settings) -> None:  # under self._lock
-        worker = _Worker(self._ctx, settings)
+    def _spawn(self, settings: _Settings, index: int) -> None:  # under self._lock
+        worker = _Worker(self._ctx, replace(settings, cpus=self._cpus(index)), index)
         self._workers.append(worker)
         self._idle.put(worker)
+
+    def _cpus(self, index: int) -> frozenset[int]:
+        """Worker `index`'s CPUs: `threads` of them counted from the end of the allowed set (the server's threads
+        tend to start at the front), none when pinning is off or there are not more CPUs than that."""
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        threads = self._settings.threads
+        if not self.pin or len(allowed) <= threads:
+            return frozenset()
+        return frozenset(allowed[-1 - (index * threads + j) % len(allowed)] for j in range(threads))
 
     def _ref(self, runtime: ModelRuntime) -> RuntimeRef:
         with self._lock:
@@ -317,9 +330,8 @@ class _Runtimes:
 
 def _serve(conn: Connection, settings: _Settings) -> None:
     """A worker process's main loop: one task at a time until the pipe closes or the parent stops it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
-    with contextlib.suppress(OSError, AttributeError):  # again, in case the parent's call came late
-        os.setpriority(os.PRIO_PROCESS, 0, settings.priority)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; Ctrl-C is its to handle
+    _background(settings)
     import torch
 
     torch.set_num_threads(settings.threads)
@@ -335,6 +347,26 @@ def _serve(conn: Connection, settings: _Settings) -> None:
             conn.send(_answer(runtimes, task, settings.threshold))
         except (EOFError, OSError):  # the server is gone
             return
+
+
+def _background(settings: _Settings) -> None:
+    """Make this process background work on Linux; each step silently skipped where not permitted. Measured on
+    2 cores (bench/probe.py): each step lowers Predict p99 beside probes, none alone is enough.
+    - A session of its own, hence an autogroup of its own, niced: with autogroups on (most desktop and VM
+      kernels), CFS shares the CPU between groups first, so a worker in the server's group would spend the
+      server's share however niced it is.
+    - The process niced (settings.priority): what counts where autogroups are off (containers' cgroups).
+    - Pinned to its own CPUs (settings.cpus): the scheduler then leaves the other cores to the server's threads
+      instead of spreading probe work over them."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
+        autogroup.write(str(settings.priority))
+    with contextlib.suppress(OSError, AttributeError):  # again, in case the parent's early call came late
+        os.setpriority(os.PRIO_PROCESS, 0, settings.priority)
+    if settings.cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(0, settings.cpus)
 
 
 def _answer(runtimes: _Runtimes, task: _Task, threshold: float) -> tuple:
