@@ -26,6 +26,8 @@ import multiprocessing
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -34,7 +36,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.bundle import load_bundle
@@ -135,38 +136,51 @@ class _Task:
 
 
 class _Worker:
-    """One worker process (the `index`-th of the pool) and the parent's end of its pipe."""
+    """One worker process (the `index`-th of the pool) and the parent's end of its pipe. Started with subprocess,
+    not multiprocessing's spawn, which would re-run the parent's main script in the worker (a script starting a
+    BackgroundServer without a __main__ guard would then start servers recursively)."""
 
-    def __init__(self, ctx: Any, settings: _Settings, index: int) -> None:
+    def __init__(self, settings: _Settings, index: int) -> None:
         self.index = index
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, settings), name="conceptlens-probe", daemon=True)
-        self.process.start()
+        self.conn, child = multiprocessing.Pipe()
+        code = "import sys; from conceptlens.server.probe_worker import worker_main; worker_main(int(sys.argv[1]))"
+        # start_new_session: a session, so an autogroup, of its own from the start (see _background)
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", code, str(child.fileno())],
+                                        pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         child.close()
         # Nice the new process before it imports torch (its main thread; threads it starts inherit this).
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, self.process.pid, settings.priority)
+        self.conn.send(settings)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def call(self, task: _Task, deadline: float | None) -> tuple:
         """Send one task and wait for the answer (the wait releases the GIL). Raises ProbeWorkerLost when the
-        process dies, TimeoutError when it is still busy HANG_GRACE_S after `deadline`."""
+        process dies (its end of the pipe closes), TimeoutError when it is still busy HANG_GRACE_S after
+        `deadline`."""
         try:
             self.conn.send(task)
             timeout = None if deadline is None else max(0.0, deadline + HANG_GRACE_S - time.monotonic())
-            ready = wait([self.conn, self.process.sentinel], timeout)
-            if self.conn in ready:
+            ready = wait([self.conn], timeout)
+            if ready:
                 return self.conn.recv()
         except (EOFError, OSError):  # OSError: BrokenPipeError, ConnectionResetError
-            ready = [self.process.sentinel]
+            ready = [self.conn]
         if not ready:
             raise TimeoutError(f"still busy {HANG_GRACE_S:.0f}s past the probe's deadline")
-        raise ProbeWorkerLost(f"the probe worker process (pid {self.process.pid}) {self.exit_reason()} during "
-                              "this probe; a new one is starting, retry")
+        raise ProbeWorkerLost(f"the probe worker process (pid {self.pid}) {self.exit_reason()} during this probe; "
+                              "a new one is starting, retry")
 
     def exit_reason(self) -> str:
-        self.process.join(1.0)
-        code = self.process.exitcode
-        if code is None:
+        try:
+            code = self.process.wait(1.0)
+        except subprocess.TimeoutExpired:
             return "stopped answering"
         if code < 0:
             with contextlib.suppress(ValueError):
@@ -174,12 +188,11 @@ class _Worker:
         return f"exited with status {code}"
 
     def stop(self, timeout: float) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout)
+        for end in (self.process.terminate, self.process.kill):
+            if self.process.poll() is None:
+                end()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout)
         self.conn.close()
 
 
@@ -192,7 +205,6 @@ class ProbeWorkers:
         self.pin = pin
         base = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
         self._settings = _Settings(threads, threshold, min(19, base + PROBE_NICE))
-        self._ctx = multiprocessing.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -210,7 +222,7 @@ class ProbeWorkers:
 
     def pids(self) -> list[int]:
         with self._lock:
-            return [w.process.pid for w in self._workers]
+            return [w.pid for w in self._workers]
 
     @property
     def busy(self) -> int:
@@ -228,7 +240,7 @@ class ProbeWorkers:
         try:
             answer = worker.call(task, job.deadline)
         except (ProbeWorkerLost, TimeoutError) as err:
-            log.warning("probe worker pid %s replaced: %s", worker.process.pid, err)
+            log.warning("probe worker pid %s replaced: %s", worker.pid, err)
             self._replace(worker)
             if isinstance(err, TimeoutError):
                 raise DeadlineExpired(f"the probe was still running {HANG_GRACE_S:.0f}s past its deadline; its "
@@ -257,9 +269,9 @@ class ProbeWorkers:
                 worker = self._idle.get(timeout=min(1.0, remaining) if remaining is not None else 1.0)
             except queue.Empty:
                 continue
-            if worker.process.is_alive():
+            if worker.alive():
                 return worker
-            log.warning("idle probe worker pid %s %s; starting a new one", worker.process.pid, worker.exit_reason())
+            log.warning("idle probe worker pid %s %s; starting a new one", worker.pid, worker.exit_reason())
             self._replace(worker)
 
     def _replace(self, worker: _Worker) -> None:
@@ -271,7 +283,7 @@ class ProbeWorkers:
                 self._spawn(self._settings, worker.index)
 
     def _spawn(self, settings: _Settings, index: int) -> None:  # under self._lock
-        worker = _Worker(self._ctx, replace(settings, cpus=self._cpus(index)), index)
+        worker = _Worker(replace(settings, cpus=self._cpus(index)), index)
         self._workers.append(worker)
         self._idle.put(worker)
 
@@ -328,6 +340,12 @@ class _Runtimes:
         return hit[1]
 
 
+def worker_main(fd: int) -> None:
+    """A worker process's entry point: `fd` is its end of the pipe; the settings come first on it."""
+    conn = Connection(fd)
+    _serve(conn, conn.recv())
+
+
 def _serve(conn: Connection, settings: _Settings) -> None:
     """A worker process's main loop: one task at a time until the pipe closes or the parent stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; Ctrl-C is its to handle
@@ -352,14 +370,12 @@ def _serve(conn: Connection, settings: _Settings) -> None:
 def _background(settings: _Settings) -> None:
     """Make this process background work on Linux; each step silently skipped where not permitted. Measured on
     2 cores (bench/probe.py): each step lowers Predict p99 beside probes, none alone is enough.
-    - A session of its own, hence an autogroup of its own, niced: with autogroups on (most desktop and VM
-      kernels), CFS shares the CPU between groups first, so a worker in the server's group would spend the
-      server's share however niced it is.
+    - A session of its own (the parent starts it so), hence an autogroup of its own, niced: with autogroups on
+      (most desktop and VM kernels), CFS shares the CPU between groups first, so a worker in the server's group
+      would spend the server's share however niced it is.
     - The process niced (settings.priority): what counts where autogroups are off (containers' cgroups).
     - Pinned to its own CPUs (settings.cpus): the scheduler then leaves the other cores to the server's threads
       instead of spreading probe work over them."""
-    with contextlib.suppress(OSError):
-        os.setsid()
     with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
         autogroup.write(str(settings.priority))
     with contextlib.suppress(OSError, AttributeError):  # again, in case the parent's early call came late
