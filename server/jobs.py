@@ -53,3 +53,5 @@ class ProbeJob:
     top_k_units: int
     candidates: int  # hidden-layer exact Δ re-runs per layer
     deadline: float | None = None  # time.monotonic(); checked between attack steps and between images
+    top_k: int = 5  # classes in each result's clean and adversarial predictions
+    return_adversarial: bool = False  # results carry the adversarial image, its PNG and the perturbation map

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from conceptlens.handlers.backends import ModelRuntime
-from conceptlens.handlers.probe import ImageProbe
-from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image
+from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image, trace_last_layer
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
 from .errors import DeadlineExpired
 from .jobs import ExplainJob, ProbeJob
@@ -54,7 +54,8 @@ class Runners:
         out = self._forward(runtime, [job.images for job in jobs])
         started = time.perf_counter()
         results, start = [], 0
-        means = {name: a.mean(axis=(2, 3)) for name, a in out.activations.items()}  # (N, C), once per batch
+        traced = {layer for job in jobs for layer in job.layers}
+        means = {name: out.activations[name].mean(axis=(2, 3)) for name in traced}  # (N, C), once per batch
         for job in jobs:
             n = len(job.images)
             try:
@@ -71,6 +72,14 @@ class Runners:
         options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
                                include_maps=job.include_maps, map_size=job.map_size, depth=job.depth,
                                candidates=job.candidates)
+        head = runtime.head
+        if head is not None and job.layers == (head.layer,) and job.depth == 1:  # exact and cheap: all at once
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                raise DeadlineExpired(f"deadline passed while tracing image 0 of {n}")
+            end = start + n
+            traces = trace_last_layer(runtime, out.logits[start:end], out.activations[head.layer][start:end],
+                                      means[head.layer][start:end], options, plausibility_threshold=self.threshold)
+            return ExplainOutput(out.logits[start:end], traces)
         traces = []
         for i in range(start, start + n):
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -81,11 +90,12 @@ class Runners:
                 plausibility_threshold=self.threshold, means={layer: means[layer][i] for layer in job.layers}))
         return ExplainOutput(out.logits[start : start + n], traces)
 
-    def probe(self, runtime: ModelRuntime, jobs: Sequence[ProbeJob]) -> list[list[ImageProbe] | Exception]:
+    def probe(self, runtime: ModelRuntime, jobs: Sequence[ProbeJob]) -> list[list[pb.ProbeResult] | Exception]:
         """Each job's probe in turn on a probe worker process (server/probe_worker.py: its own GIL, so Predict
-        never waits for a probe's torch calls); jobs carry different attacks, so they do not share passes. A job
-        whose deadline passes, whose attack refuses its inputs or whose worker dies fails alone."""
-        results: list[list[ImageProbe] | Exception] = []
+        never waits for a probe's torch calls), returned as ProbeResult messages the worker encoded; jobs carry
+        different attacks, so they do not share passes. A job whose deadline passes, whose attack refuses its
+        inputs or whose worker dies fails alone."""
+        results: list[list[pb.ProbeResult] | Exception] = []
         for job in jobs:
             kind = job.attack.kind
             try:
@@ -98,11 +108,12 @@ class Runners:
             self.metrics.probe_duration.labels(runtime.name, kind).observe(out.seconds)
             backend = "onnxruntime" if kind == "square" else "torch"
             self.metrics.inference.labels(runtime.name, backend).observe(out.seconds)
-            for item in out.results:
+            messages = [pb.ProbeResult.FromString(data) for data in out.results]
+            for item in messages:
                 self.metrics.probes.labels(runtime.name, kind, "flipped" if item.flipped else "robust").inc()
                 if item.flipped:
                     self.metrics.probe_flips.labels(runtime.name).inc()
-                    if item.min_eps is not None:
-                        self.metrics.flip_epsilon.labels(runtime.name).observe(item.min_eps)
-            results.append(out.results)
+                    if item.HasField("min_flip_epsilon"):
+                        self.metrics.flip_epsilon.labels(runtime.name).observe(item.min_flip_epsilon)
+            results.append(messages)
         return results

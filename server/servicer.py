@@ -14,7 +14,7 @@ from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
-from . import encoding, errors, probe_encoding, probe_validation, validation
+from . import encoding, errors, probe_validation, validation
 from .batching import Batcher
 from .config import BatchConfig, ServerConfig
 from .decoding import ImageSpec, decode_images
@@ -131,11 +131,11 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             deadline = _deadline(context)
             job = ProbeJob(images=images, attack=attack, layers=tuple(layers), top_k_units=top_k_units,
                            candidates=min(validation.DEFAULT_CANDIDATES, self.limits.max_candidates),
-                           deadline=deadline)
+                           deadline=deadline, top_k=min(validation.DEFAULT_TOP_K, len(runtime.classes)),
+                           return_adversarial=request.return_adversarial)
+            # results come encoded by the probe worker: no per-image encoding on the event loop
             results = await self.batcher(runtime.name, "probe").submit(runtime, job, len(images), deadline)
-            k = min(validation.DEFAULT_TOP_K, len(runtime.classes))
-            return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=[
-                probe_encoding.result(item, runtime.classes, k, request.return_adversarial) for item in results])
+            return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=results)
         except Exception as err:
             if not isinstance(err, errors.DeadlineExpired):  # the runner counts the ones it stopped
                 self.metrics.probes.labels(model if model in self.repo.names() else "unknown", kind,

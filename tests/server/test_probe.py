@@ -330,11 +330,15 @@ def _children(pid: int) -> list[int]:
 
 
 def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited (an init that does not reap leaves it listed)
+    """Whether any thread of `pid` has yet to exit (a zombie has exited: an init that does not reap leaves it
+    listed; a killed process's main thread turns zombie before its other threads are gone)."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] not in "ZX":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
