@@ -250,6 +250,9 @@ class ProbeWorkers:
                 raise DeadlineExpired(f"the probe was still running {HANG_GRACE_S:.0f}s past its deadline; its "
                                       "worker was restarted") from None
             raise
+        except BaseException:  # e.g. a task that does not pickle: the pipe's state is unknown, start afresh
+            self._replace(worker)
+            raise
         self._idle.put(worker)
         return _unpack(answer)
 
