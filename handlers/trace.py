@@ -18,6 +18,7 @@ summary such as "car: units for wheel (IoU .31) and window (IoU .22) carried 71%
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -128,6 +129,97 @@ def trace_image(
     plaus = plausibility(runtime, deepest.units, runtime.classes[target])
     adversarial = plaus is not None and plaus < plausibility_threshold
     return TraceResult(target, layers, plaus, adversarial, summarize(runtime.classes[target], deepest))
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """What every trace of one layer repeats per unit, built once per model version: the manifest's unit facts
+    as plain Python values and each unit's plausibility weight per class (`plausibility` below, precomputed)."""
+
+    baselines: list[float]
+    labels: list[str]
+    categories: list[str]
+    ious: list[float]
+    detectors: list[bool]
+    # plaus[k][c] = P(concept_k | class c) / max over classes; None when unit k has no concept in the table
+    plaus: list[list[float] | None]
+
+
+_TABLES: weakref.WeakKeyDictionary[ModelRuntime, dict[str, UnitTable]] = weakref.WeakKeyDictionary()
+
+
+def unit_table(runtime: ModelRuntime, layer: str) -> UnitTable:
+    """The layer's UnitTable, cached with the runtime (a reloaded version gets its own; racing builders are
+    harmless: both build the same table)."""
+    tables = _TABLES.setdefault(runtime, {})
+    if layer not in tables:
+        infos = runtime.layers[layer].units_info
+        cooc = runtime.manifest.cooccurrence
+        plaus: list[list[float] | None] = []
+        for info in infos:
+            row = cooc.get(info.label) if info.label else None
+            if row is None:
+                plaus.append(None)
+                continue
+            peak = max(row.values(), default=0.0)
+            plaus.append([row.get(c, 0.0) / peak if peak > 0 else 0.0 for c in runtime.classes])
+        tables[layer] = UnitTable(
+            baselines=runtime.baselines[layer].tolist(), labels=[i.label for i in infos],
+            categories=[i.category for i in infos], ious=[float(i.iou) for i in infos],
+            detectors=[bool(i.detector) for i in infos], plaus=plaus)
+    return tables[layer]
+
+
+def trace_last_layer(
+    runtime: ModelRuntime,
+    logits: np.ndarray,
+    acts: np.ndarray,
+    means: np.ndarray,
+    options: TraceOptions,
+    *,
+    plausibility_threshold: float = 0.5,
+) -> list[TraceResult]:
+    """`trace_image` for a whole batch whose only traced layer feeds the linear head (depth 1): the same results,
+    with Δ, ranking and shares computed for all images in one numpy pass and the per-unit manifest facts taken
+    from the layer's UnitTable. logits (n, K); acts (n, C, h, w) and means (n, C) of that layer."""
+    head = runtime.head
+    if head is None or list(options.layers) != [head.layer] or options.depth != 1:
+        raise ValueError("trace_last_layer traces exactly the head's layer at depth 1; use trace_image")
+    layer, n = head.layer, len(logits)
+    targets = np.argmax(logits, axis=1) if options.target is None else np.full(n, options.target, dtype=np.intp)
+    deltas = head.weight[targets] * (means - runtime.baselines[layer])  # (n, C): w_ck·(mean A_k − b_k) per image
+    order = np.argsort(-deltas, axis=1, kind="stable")[:, : options.top_k_units]
+    top = np.take_along_axis(deltas, order, axis=1)
+    positive = np.clip(deltas, 0, None).sum(axis=1)
+    top_positive = np.clip(top, 0, None).sum(axis=1)
+    table = unit_table(runtime, layer)
+    has_cooc = bool(runtime.manifest.cooccurrence)
+    rows = zip(targets.tolist(), order.tolist(), top.tolist(), np.take_along_axis(means, order, axis=1).tolist(),
+               positive.tolist(), top_positive.tolist(), strict=True)
+    results = []
+    for i, (target, ks, ds, activations, total, carried) in enumerate(rows):
+        units = [UnitTrace(layer=layer, unit=k, delta=d, exact=True, activation=a, baseline=table.baselines[k],
+                           concept=table.labels[k], category=table.categories[k], iou=table.ious[k],
+                           detector=table.detectors[k],
+                           map=activation_map(acts[i, k], options.map_size) if options.include_maps else None)
+                 for k, d, a in zip(ks, ds, activations, strict=True)]
+        trace = LayerTrace(layer, units, carried / total if total > 0 else 0.0, EXACT_LAST)
+        plaus = _table_plausibility(table, units, target) if has_cooc else None
+        adversarial = plaus is not None and plaus < plausibility_threshold
+        results.append(TraceResult(target, [trace], plaus, adversarial, summarize(runtime.classes[target], trace)))
+    return results
+
+
+def _table_plausibility(table: UnitTable, units: Sequence[UnitTrace], target: int) -> float | None:
+    """`plausibility` with the per-unit weights precomputed (same sums in the same order)."""
+    num = den = 0.0
+    for unit in units:
+        weights = table.plaus[unit.unit]
+        if weights is None or unit.delta <= 0:
+            continue
+        num += unit.delta * weights[target]
+        den += unit.delta
+    return num / den if den > 0 else None
 
 
 def hidden_deltas(

@@ -28,10 +28,24 @@ def prediction(logits: np.ndarray, classes: Sequence[str], k: int, probs: np.nda
     return pb.Prediction(classes=[class_score(i, classes, logits, probs) for i in order])
 
 
+def predictions(logits: np.ndarray, classes: Sequence[str], k: int, probs: np.ndarray | None = None
+                ) -> list[pb.Prediction]:
+    """`prediction` for every row of (n, K) logits, with the softmax and ranking done once for all rows (numpy
+    calls on one short row cost more in overhead than in arithmetic)."""
+    probs = softmax(logits.astype(np.float64)) if probs is None else probs
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    rows = zip(order.tolist(), np.take_along_axis(logits, order, axis=1).tolist(),
+               np.take_along_axis(probs, order, axis=1).tolist(), strict=True)
+    return [pb.Prediction(classes=[pb.ClassScore(index=i, label=classes[i], logit=z, probability=q)
+                                   for i, z, q in zip(idx, zs, qs, strict=True)]) for idx, zs, qs in rows]
+
+
 def unit(u) -> pb.UnitInfluence:
     msg = pb.UnitInfluence(layer=u.layer, unit=u.unit, delta=u.delta, exact=u.exact, activation=u.activation,
                            baseline=u.baseline, concept=u.concept, category=u.category, iou=u.iou,
-                           detector=u.detector, contributors=[unit(c) for c in u.contributors])
+                           detector=u.detector)
+    if u.contributors:
+        msg.contributors.extend(unit(c) for c in u.contributors)
     if u.map is not None:
         msg.map.CopyFrom(pb.ActivationMap(height=u.map.shape[0], width=u.map.shape[1],
                                           values=u.map.astype(np.float32).ravel().tolist()))

@@ -61,13 +61,19 @@ class Metrics:
             "conceptlens_concept_hits", "Concepts among the top units of explanations", ("model", "concept"),
             registry=r)
         self._concepts: set[str] = set()
+        self._concept_children: dict[tuple[str, str], Counter] = {}
 
-    def concept_hit(self, model: str, concept: str) -> None:
-        """Count a concept, keeping the label set bounded."""
-        if concept not in self._concepts and len(self._concepts) >= MAX_CONCEPTS:
-            concept = "other"
-        self._concepts.add(concept)
-        self.concept_hits.labels(model, concept).inc()
+    def concept_hit(self, model: str, concept: str, count: int = 1) -> None:
+        """Count a concept `count` times, keeping the label set bounded. The labelled child is cached: Explain
+        counts several concepts per image, and `labels()` costs microseconds each time."""
+        child = self._concept_children.get((model, concept))
+        if child is None:
+            if concept not in self._concepts and len(self._concepts) >= MAX_CONCEPTS:
+                self.concept_hits.labels(model, "other").inc(count)  # not cached: the cache stays bounded too
+                return
+            self._concepts.add(concept)
+            child = self._concept_children[(model, concept)] = self.concept_hits.labels(model, concept)
+        child.inc(count)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> object:
         """Expose this registry on http://addr:port/metrics; returns the server (call `.shutdown()`)."""

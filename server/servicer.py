@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             logits = await self.batcher(runtime.name, "predict").submit(
                 runtime, images, len(images), _deadline(context))
             return pb.PredictResponse(model=runtime.name, version=runtime.version,
-                                      predictions=[encoding.prediction(row, runtime.classes, k) for row in logits])
+                                      predictions=encoding.predictions(logits, runtime.classes, k))
         except Exception as err:
             await errors.abort(context, err, "Predict")
 
@@ -99,19 +100,24 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
                 deadline=deadline,
             )
             out = await self.batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
-            explanations = []
             probs = encoding.softmax(out.logits.astype("float64"))
-            for row, p, result in zip(out.logits, probs, out.traces, strict=True):
-                explanations.append(pb.Explanation(prediction=encoding.prediction(row, classes, k, p),
-                                                   trace=encoding.trace(result, row, classes, p)))
-                if result.adversarial:
-                    self.metrics.adversarial_flags.labels(runtime.name).inc()
-                for unit in result.layers[-1].units:
-                    if unit.concept:
-                        self.metrics.concept_hit(runtime.name, unit.concept)
+            predictions = encoding.predictions(out.logits, classes, k, probs)
+            explanations = [pb.Explanation(prediction=prediction, trace=encoding.trace(result, row, classes, p))
+                            for prediction, row, p, result in zip(predictions, out.logits, probs, out.traces,
+                                                                  strict=True)]
+            self._count_explained(runtime.name, out.traces)
             return pb.ExplainResponse(model=runtime.name, version=runtime.version, explanations=explanations)
         except Exception as err:
             await errors.abort(context, err, "Explain")
+
+    def _count_explained(self, model: str, traces) -> None:
+        """Adversarial flags and concept hits of one response, one counter update per distinct label."""
+        flagged = sum(1 for result in traces if result.adversarial)
+        if flagged:
+            self.metrics.adversarial_flags.labels(model).inc(flagged)
+        hits = Counter(unit.concept for result in traces for unit in result.layers[-1].units if unit.concept)
+        for concept, count in hits.items():
+            self.metrics.concept_hit(model, concept, count)
 
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
         """Attack the images on the probe queue (its own executor: Predict is never starved), then encode."""
