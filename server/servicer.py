@@ -18,7 +18,7 @@ from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 from . import encoding, errors, probe_validation, validation
 from .batching import Batcher
 from .config import BatchConfig, ServerConfig
-from .decoding import ImageSpec, decode_images
+from .decoding import ImageSpec, decode_images, decode_inline
 from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
 
@@ -58,6 +58,8 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
     async def _images(self, images, runtime, cap: int):
         validation.image_count(len(images), cap)
         spec = ImageSpec(runtime.input_size, runtime.channels)
+        if decode_inline(images):
+            return decode_images(images, spec, max_pixels=self.limits.max_pixels)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._decoder, lambda: decode_images(images, spec, max_pixels=self.limits.max_pixels))

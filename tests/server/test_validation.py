@@ -113,3 +113,23 @@ def test_batch_decoding_names_the_image():
         decode_images([good, pb.Image(tensor=pb.Tensor(shape=[8, 8, 3], dtype=pb.Tensor.UINT8, data=bytes(192)))],
                       SPEC, max_pixels=100)
     assert info.value.field == "images[1].tensor.shape"
+
+
+@pytest.mark.parametrize("position", [0, 100, 191])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixel_anywhere_is_refused_as_such(position, bad):
+    """min/max double as the finiteness check: NaN or ±inf anywhere is named as such, never as out of range."""
+    f32 = np.full(3 * 8 * 8, 0.5, dtype="<f4")
+    f32[position] = bad
+    with pytest.raises(InvalidInput, match="contains NaN or inf"):
+        decode_tensor(pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.FLOAT32, data=f32.tobytes()), SPEC, field="t")
+
+
+def test_small_raw_tensors_decode_inline_and_the_rest_on_threads():
+    from conceptlens.server.decoding import INLINE_BYTES, decode_inline
+
+    small = pb.Image(tensor=pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.FLOAT32, data=bytes(768)))
+    assert decode_inline([small, small])
+    assert not decode_inline([small, pb.Image(encoded=_png(8, 8))])  # PNG/JPEG decoding never runs on the loop
+    big = pb.Image(tensor=pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.FLOAT32, data=bytes(INLINE_BYTES // 2 + 1)))
+    assert not decode_inline([big, big])
