@@ -185,16 +185,18 @@ def trace_last_layer(
     head = runtime.head
     if head is None or list(options.layers) != [head.layer] or options.depth != 1:
         raise ValueError("trace_last_layer traces exactly the head's layer at depth 1; use trace_image")
+    # array methods and plain indexing, not np.* wrappers: at batch 1 their overhead is most of the cost
     layer, n = head.layer, len(logits)
-    targets = np.argmax(logits, axis=1) if options.target is None else np.full(n, options.target, dtype=np.intp)
+    targets = logits.argmax(axis=1) if options.target is None else np.full(n, options.target, dtype=np.intp)
     deltas = head.weight[targets] * (means - runtime.baselines[layer])  # (n, C): w_ck·(mean A_k − b_k) per image
-    order = np.argsort(-deltas, axis=1, kind="stable")[:, : options.top_k_units]
-    top = np.take_along_axis(deltas, order, axis=1)
-    positive = np.clip(deltas, 0, None).sum(axis=1)
-    top_positive = np.clip(top, 0, None).sum(axis=1)
+    order = (-deltas).argsort(axis=1, kind="stable")[:, : options.top_k_units]
+    rows = np.arange(n)[:, None]
+    top = deltas[rows, order]
+    positive = np.maximum(deltas, 0).sum(axis=1)  # = np.clip(·, 0, None), as _share computes it
+    top_positive = np.maximum(top, 0).sum(axis=1)
     table = unit_table(runtime, layer)
     has_cooc = bool(runtime.manifest.cooccurrence)
-    rows = zip(targets.tolist(), order.tolist(), top.tolist(), np.take_along_axis(means, order, axis=1).tolist(),
+    rows = zip(targets.tolist(), order.tolist(), top.tolist(), means[rows, order].tolist(),
                positive.tolist(), top_positive.tolist(), strict=True)
     results = []
     for i, (target, ks, ds, activations, total, carried) in enumerate(rows):

@@ -73,8 +73,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             images = await self._images(request.images, runtime, self.limits.max_images)
             logits = await self.batcher(runtime.name, "predict").submit(
                 runtime, images, len(images), _deadline(context))
-            return pb.PredictResponse(model=runtime.name, version=runtime.version,
-                                      predictions=encoding.predictions(logits, runtime.classes, k))
+            return encoding.predict_response(runtime.name, runtime.version, logits, runtime.classes, k)
         except Exception as err:
             await errors.abort(context, err, "Predict")
 
@@ -102,13 +101,8 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
                 deadline=deadline,
             )
             out = await self.batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
-            probs = encoding.softmax(out.logits.astype("float64"))
-            predictions = encoding.predictions(out.logits, classes, k, probs)
-            explanations = [pb.Explanation(prediction=prediction, trace=encoding.trace(result, row, classes, p))
-                            for prediction, row, p, result in zip(predictions, out.logits, probs, out.traces,
-                                                                  strict=True)]
             self._count_explained(runtime.name, out.traces)
-            return pb.ExplainResponse(model=runtime.name, version=runtime.version, explanations=explanations)
+            return encoding.explain_response(runtime.name, runtime.version, out.logits, out.traces, classes, k)
         except Exception as err:
             await errors.abort(context, err, "Explain")
 
