@@ -143,6 +143,7 @@ class UnitTable:
     detectors: list[bool]
     # plaus[k][c] = P(concept_k | class c) / max over classes; None when unit k has no concept in the table
     plaus: list[list[float] | None]
+    named: list[str]  # unit k as the summary names it, e.g. "wheel (IoU .31)"; "" without a concept
 
 
 _TABLES: weakref.WeakKeyDictionary[ModelRuntime, dict[str, UnitTable]] = weakref.WeakKeyDictionary()
@@ -166,7 +167,8 @@ def unit_table(runtime: ModelRuntime, layer: str) -> UnitTable:
         tables[layer] = UnitTable(
             baselines=runtime.baselines[layer].tolist(), labels=[i.label for i in infos],
             categories=[i.category for i in infos], ious=[float(i.iou) for i in infos],
-            detectors=[bool(i.detector) for i in infos], plaus=plaus)
+            detectors=[bool(i.detector) for i in infos], plaus=plaus,
+            named=[f"{i.label} (IoU {_iou(float(i.iou))})" if i.label else "" for i in infos])
     return tables[layer]
 
 
@@ -208,8 +210,23 @@ def trace_last_layer(
         trace = LayerTrace(layer, units, carried / total if total > 0 else 0.0, EXACT_LAST)
         plaus = _table_plausibility(table, units, target) if has_cooc else None
         adversarial = plaus is not None and plaus < plausibility_threshold
-        results.append(TraceResult(target, [trace], plaus, adversarial, summarize(runtime.classes[target], trace)))
+        summary = _table_summary(table, runtime.classes[target], trace)
+        results.append(TraceResult(target, [trace], plaus, adversarial, summary))
     return results
+
+
+def _table_summary(table: UnitTable, label: str, layer: LayerTrace) -> str:
+    """`summarize` with the units' names preformatted."""
+    named: list[str] = []
+    for unit in layer.units:
+        if unit.concept and unit.delta > 0 and not any(n.startswith(unit.concept + " ") for n in named):
+            named.append(table.named[unit.unit])
+            if len(named) == 3:
+                break
+    if not named:
+        return summarize(label, layer)
+    subject = "units for " + (named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1])
+    return f"{label}: {subject} carried {round(100 * layer.share)}% of the score"
 
 
 def _table_plausibility(table: UnitTable, units: Sequence[UnitTrace], target: int) -> float | None:
