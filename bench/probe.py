@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import load_torchattacks  # noqa: E402  (sibling bench modules)
-from serve import interleaved, pct  # noqa: E402
+from serve import interleaved, pct, start_server  # noqa: E402
 
 log = logging.getLogger("bench.probe")
 SIZE, EPS, STEPS = 32, 8 / 255, 10
@@ -128,19 +127,6 @@ def predict_p99(client, model: str, image, duration: float, rounds: int, probe) 
             "per_round_ratios": per_round}
 
 
-def start_server(repo: Path, threads: int, probe_workers: int, probe_threads: int) -> tuple[subprocess.Popen, int]:
-    """`conceptlens serve` as deployed (bench/serve.py's start, plus the probe worker settings)."""
-    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1", "--port", "0",
-           "--poll", "0", "--threads", str(threads), "--probe-workers", str(probe_workers),
-           "--probe-threads", str(probe_threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "listening on port" not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, int(line.rsplit(" ", 1)[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="timed calls per latency figure (median)")
@@ -178,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         export_bundle(model, repo / "shapes" / "1", name="shapes", version=1, layers=["layer2", "layer3"])
-        proc, port = start_server(repo, args.ort_threads, args.probe_workers, args.torch_threads)
+        proc, port = start_server(repo, args.ort_threads, "--probe-workers", str(args.probe_workers),
+                                  "--probe-threads", str(args.torch_threads))
         try:
             with Client(f"127.0.0.1:{port}", timeout=600) as client:
                 def probe(batch: int, **kw):

@@ -63,9 +63,10 @@ def build_repo(repo: Path, which: list[str]) -> dict[str, str]:
     return described
 
 
-def start_server(repo: Path, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(repo: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, int]:
+    """`conceptlens serve` on a free loopback port, with `extra` flags; returns the process and its port."""
     cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1", "--port", "0",
-           "--poll", "0", "--threads", str(threads)]
+           "--poll", "0", "--threads", str(threads), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "listening on port" not in line:
