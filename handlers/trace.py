@@ -210,35 +210,14 @@ def trace_last_layer(
         trace = LayerTrace(layer, units, carried / total if total > 0 else 0.0, EXACT_LAST)
         plaus = _table_plausibility(table, units, target) if has_cooc else None
         adversarial = plaus is not None and plaus < plausibility_threshold
-        summary = _table_summary(table, runtime.classes[target], trace)
+        summary = summarize(runtime.classes[target], trace, name=lambda u: table.named[u.unit])
         results.append(TraceResult(target, [trace], plaus, adversarial, summary))
     return results
 
 
-def _table_summary(table: UnitTable, label: str, layer: LayerTrace) -> str:
-    """`summarize` with the units' names preformatted."""
-    named: list[str] = []
-    for unit in layer.units:
-        if unit.concept and unit.delta > 0 and not any(n.startswith(unit.concept + " ") for n in named):
-            named.append(table.named[unit.unit])
-            if len(named) == 3:
-                break
-    if not named:
-        return summarize(label, layer)
-    subject = "units for " + (named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1])
-    return f"{label}: {subject} carried {round(100 * layer.share)}% of the score"
-
-
 def _table_plausibility(table: UnitTable, units: Sequence[UnitTrace], target: int) -> float | None:
-    """`plausibility` with the per-unit weights precomputed (same sums in the same order)."""
-    num = den = 0.0
-    for unit in units:
-        weights = table.plaus[unit.unit]
-        if weights is None or unit.delta <= 0:
-            continue
-        num += unit.delta * weights[target]
-        den += unit.delta
-    return num / den if den > 0 else None
+    """`plausibility` with the per-unit weights precomputed in the table."""
+    return _weighted_plausibility(units, lambda u: None if table.plaus[u.unit] is None else table.plaus[u.unit][target])
 
 
 def hidden_deltas(
@@ -355,23 +334,37 @@ def plausibility(runtime: ModelRuntime, units: Sequence[UnitTrace], label: str) 
     table = runtime.manifest.cooccurrence
     if not table:
         return None
+
+    def weight(unit: UnitTrace) -> float | None:
+        row = table.get(unit.concept) if unit.concept else None
+        if row is None:
+            return None
+        peak = max(row.values(), default=0.0)
+        return row.get(label, 0.0) / peak if peak > 0 else 0.0
+
+    return _weighted_plausibility(units, weight)
+
+
+def _weighted_plausibility(units: Sequence[UnitTrace], weight: Callable[[UnitTrace], float | None]) -> float | None:
+    """Σ Δ·weight / Σ Δ over the units with Δ > 0 and a weight (a concept in the co-occurrence table)."""
     num = den = 0.0
     for unit in units:
-        row = table.get(unit.concept)
-        if not unit.concept or row is None or unit.delta <= 0:
+        w = weight(unit) if unit.delta > 0 else None
+        if w is None:
             continue
-        peak = max(row.values(), default=0.0)
-        num += unit.delta * (row.get(label, 0.0) / peak if peak > 0 else 0.0)
+        num += unit.delta * w
         den += unit.delta
     return num / den if den > 0 else None
 
 
-def summarize(label: str, layer: LayerTrace) -> str:
-    """e.g. "car: units for wheel (IoU .31) and window (IoU .22) carried 71% of the score"."""
+def summarize(label: str, layer: LayerTrace, name: Callable[[UnitTrace], str] | None = None) -> str:
+    """e.g. "car: units for wheel (IoU .31) and window (IoU .22) carried 71% of the score". `name` formats a unit
+    with a concept (default: "wheel (IoU .31)"); the batched trace passes names formatted once per model."""
+    name = name or (lambda unit: f"{unit.concept} (IoU {_iou(unit.iou)})")
     named: list[str] = []
     for unit in layer.units:
         if unit.concept and unit.delta > 0 and not any(n.startswith(unit.concept + " ") for n in named):
-            named.append(f"{unit.concept} (IoU {_iou(unit.iou)})")
+            named.append(name(unit))
         if len(named) == 3:
             break
     if named:
