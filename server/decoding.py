@@ -31,17 +31,24 @@ class ImageSpec:
 
 
 def decode_images(images: Sequence[pb.Image], spec: ImageSpec, *, max_pixels: int) -> np.ndarray:
-    """All request images as one (N, C, size, size) float32 array in [0, 1]."""
+    """All request images as one (N, C, size, size) float32 array in [0, 1]. Raw tensors of one dtype are
+    checked and converted together, as one array: per-image numpy calls on 3×32×32 pixels cost more in call
+    overhead than in work, and this runs on the event loop (a batch-8 probe's images took 0.26 ms one by one)."""
     out = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.float32)
+    raw: dict[np.dtype, list[int]] = {}  # dtype -> indices of the tensor images holding it
     for i, image in enumerate(images):
-        field = f"images[{i}]"
         source = image.WhichOneof("source")
         if source == "encoded":
-            out[i] = decode_encoded(image.encoded, spec, max_pixels=max_pixels, field=f"{field}.encoded")
+            out[i] = decode_encoded(image.encoded, spec, max_pixels=max_pixels, field=f"images[{i}].encoded")
         elif source == "tensor":
-            out[i] = decode_tensor(image.tensor, spec, field=f"{field}.tensor")
+            raw.setdefault(_tensor_dtype(image.tensor, spec, field=f"images[{i}].tensor"), []).append(i)
         else:
-            raise InvalidInput(field, "no image given: set `encoded` or `tensor`")
+            raise InvalidInput(f"images[{i}]", "no image given: set `encoded` or `tensor`")
+    for dtype, index in raw.items():
+        block = _decode_raw([images[i].tensor.data for i in index], dtype, spec, [f"images[{i}].tensor" for i in index])
+        if len(index) == len(images):
+            return block.astype(np.float32, copy=not block.flags.writeable)
+        out[index] = block
     return out
 
 
@@ -92,27 +99,41 @@ def decode_encoded(data: bytes, spec: ImageSpec, *, max_pixels: int, field: str)
 
 def decode_tensor(tensor: pb.Tensor, spec: ImageSpec, *, field: str) -> np.ndarray:
     """A raw (C, size, size) tensor -> float32 in [0, 1]. UINT8 is divided by 255; FLOAT32 must be finite and
-    already in [0, 1], and comes back as a read-only view of the request's bytes (decode_images copies it into
-    the batch, so a second copy here would be waste)."""
+    already in [0, 1], and comes back as a read-only view of the request's bytes."""
+    return _decode_raw([tensor.data], _tensor_dtype(tensor, spec, field=field), spec, [field])[0]
+
+
+def _tensor_dtype(tensor: pb.Tensor, spec: ImageSpec, *, field: str) -> np.dtype:
+    """The numpy dtype of a raw tensor image whose dtype, shape and byte count fit `spec`; refuses one that does
+    not, naming the field."""
     if tensor.dtype not in _DTYPES:
         name = pb.Tensor.DType.Name(tensor.dtype) if tensor.dtype in pb.Tensor.DType.values() else tensor.dtype
         raise InvalidInput(f"{field}.dtype", f"must be UINT8 or FLOAT32, got {name}")
-    expected = (spec.channels, spec.size, spec.size)
-    if tuple(tensor.shape) != expected:
-        got = list(tensor.shape)
-        raise InvalidInput(f"{field}.shape", f"must be {list(expected)} (channels, size, size), got {got}")
+    expected = [spec.channels, spec.size, spec.size]
+    if tensor.shape != expected:
+        raise InvalidInput(f"{field}.shape", f"must be {expected} (channels, size, size), got {list(tensor.shape)}")
     dtype = _DTYPES[tensor.dtype]
-    want = int(np.prod(expected)) * dtype.itemsize
+    want = spec.channels * spec.size * spec.size * dtype.itemsize
     if len(tensor.data) != want:
         raise InvalidInput(f"{field}.data", f"holds {len(tensor.data)} bytes; shape and dtype need {want}")
-    values = np.frombuffer(tensor.data, dtype=dtype).reshape(expected)
+    return dtype
+
+
+def _decode_raw(data: Sequence[bytes], dtype: np.dtype, spec: ImageSpec, fields: Sequence[str]) -> np.ndarray:
+    """Raw tensors of one dtype, already checked by `_tensor_dtype` -> (N, C, size, size) in [0, 1]. FLOAT32
+    comes back as a read-only view of the bytes (the caller copies it into its batch)."""
+    joined = data[0] if len(data) == 1 else b"".join(data)
+    values = np.frombuffer(joined, dtype=dtype).reshape(len(data), spec.channels, spec.size, spec.size)
     if dtype.kind == "u":
         return values.astype(np.float32) / 255.0
-    # one pass each for min and max: NaN propagates through both and ±inf lands in one of them, so this is the
+    # min and max per image: NaN propagates through both and ±inf lands in one of them, so this is the
     # finiteness check too (np.isfinite(values).all() would be a third pass and a temporary)
-    lo, hi = float(values.min()), float(values.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise InvalidInput(f"{field}.data", "contains NaN or inf")
-    if lo < 0.0 or hi > 1.0:
-        raise InvalidInput(f"{field}.data", f"FLOAT32 pixels must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    flat = values.reshape(len(data), -1)
+    lo, hi = flat.min(1), flat.max(1)
+    bad = ~(np.isfinite(lo) & np.isfinite(hi) & (lo >= 0.0) & (hi <= 1.0))
+    if bad.any():
+        j = int(bad.argmax())
+        if not (math.isfinite(lo[j]) and math.isfinite(hi[j])):
+            raise InvalidInput(f"{fields[j]}.data", "contains NaN or inf")
+        raise InvalidInput(f"{fields[j]}.data", f"FLOAT32 pixels must lie in [0, 1], got [{lo[j]:.3g}, {hi[j]:.3g}]")
     return values.astype(np.float32, copy=False)

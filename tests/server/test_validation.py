@@ -115,6 +115,28 @@ def test_batch_decoding_names_the_image():
     assert info.value.field == "images[1].tensor.shape"
 
 
+def test_mixed_batch_keeps_order_and_names_the_bad_raw_image():
+    """Raw tensors are checked as one block per dtype: values land at their own index beside PNG and uint8
+    images, and a bad pixel is blamed on its image, not the first of the block."""
+    rng = np.random.default_rng(1)
+    f32 = [rng.random((3, 8, 8)).astype("<f4") for _ in range(3)]
+    u8 = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    raw = [pb.Image(tensor=pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.FLOAT32, data=a.tobytes())) for a in f32]
+    images = [raw[0], pb.Image(tensor=pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.UINT8, data=u8.tobytes())),
+              raw[1], pb.Image(encoded=_png(8, 8)), raw[2]]
+    got = decode_images(images, SPEC, max_pixels=100)
+    assert got.flags.writeable and got.dtype == np.float32
+    for index, expected in ((0, f32[0]), (1, u8 / 255.0), (2, f32[1]), (4, f32[2])):
+        np.testing.assert_allclose(got[index], expected, atol=1e-7)
+    np.testing.assert_array_equal(decode_images(raw, SPEC, max_pixels=100), np.stack(f32))  # raw only: one block
+    bad = f32[2].copy()
+    bad[1, 2, 3] = 1.5
+    images[4] = pb.Image(tensor=pb.Tensor(shape=[3, 8, 8], dtype=pb.Tensor.FLOAT32, data=bad.tobytes()))
+    with pytest.raises(InvalidInput, match=r"\[0.\d+, 1.5\]") as info:
+        decode_images(images, SPEC, max_pixels=100)
+    assert info.value.field == "images[4].tensor.data"
+
+
 @pytest.mark.parametrize("position", [0, 100, 191])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_pixel_anywhere_is_refused_as_such(position, bad):
