@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     args = parser.parse_args(argv)
+    from conceptlens.handlers.allocator import tune_allocator
+
+    tune_allocator()  # as the conceptlens command does (handlers/allocator.py)
     for field in ("size", "batch", "shapes_size", "repeats"):
         if getattr(args, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be >= 1")

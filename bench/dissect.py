@@ -159,6 +159,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two measurements")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from conceptlens.handlers.allocator import tune_allocator
+
+    tune_allocator()  # as the conceptlens command does (handlers/allocator.py)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     if args.child:
         memory_child(args.child, args.size, args.batch_size, device)

@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                         "thread, sharing Predict's GIL); each runs --torch-threads threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe.json")
     args = parser.parse_args(argv)
+    from conceptlens.handlers.allocator import tune_allocator
+
+    tune_allocator()  # as the conceptlens command does (handlers/allocator.py)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torchattacks = load_torchattacks(install=True)  # bench/attacks.py's helper: pip-installs it if missing
     os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the server subprocess

@@ -105,6 +105,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 images of 32 px, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from conceptlens.handlers.allocator import tune_allocator
+
+    tune_allocator()  # as the conceptlens command does (handlers/allocator.py)
     if args.quick:
         args.n, args.size, args.epochs, args.rounds = 128, 32, 1, 1
     torch.set_num_threads(args.threads)

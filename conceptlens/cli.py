@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from conceptlens.handlers.allocator import tune_allocator
 from conceptlens.handlers.errors import ConceptLensError
 
 # command -> (module, one-line help). Nested groups ("data shapes") use a dict of their own.
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(command.split()[: 2 if isinstance(COMMANDS.get(args.command), dict) else 1])
     if getattr(args, "_missing", False):
         parser.exit(2, f"conceptlens: error: '{command}' is not available in this build\n")
+    tune_allocator()  # before torch allocates anything: see handlers/allocator.py
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ConceptLensError, FileNotFoundError, NotADirectoryError, PermissionError) as err:

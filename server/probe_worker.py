@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from multiprocessing.connection import Connection, wait
 
+from conceptlens.handlers.allocator import tune_allocator
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.bundle import load_bundle
 from conceptlens.handlers.errors import BundleError, InvalidInput, ModelLoading
@@ -357,6 +358,7 @@ def _serve(conn: Connection, settings: _Settings) -> None:
     """A worker process's main loop: one task at a time until the pipe closes or the parent stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; Ctrl-C is its to handle
     _background(settings)
+    tune_allocator()  # PGD's many small backward passes would otherwise fault their buffers in afresh each step
     import torch
 
     torch.set_num_threads(settings.threads)

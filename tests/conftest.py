@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conceptlens.handlers.allocator import tune_allocator
 from conceptlens.handlers.zoo import ImageClassifier, build_model, load_weights, save_weights
 from conceptlens.training.data.shapes import SHAPES_CLASSES, ShapesWorld
+
+tune_allocator()  # the suite runs torch as the conceptlens command does (handlers/allocator.py)
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,51 @@
+"""tune_allocator: freed tensor memory is reused instead of faulted in again (glibc Linux), operators' settings win."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="mallopt thresholds are a glibc feature")
+
+# Five batch-64 forward passes of the ShapesWorld model after a warm-up one; count the page faults they take.
+_CHILD = """
+import json, resource, sys, torch
+from conceptlens.handlers.allocator import tune_allocator
+from conceptlens.handlers.zoo import build_model
+tuned = tune_allocator() if sys.argv[1] == "tune" else None
+torch.manual_seed(0)
+model = build_model("small_cnn", [str(i) for i in range(9)], input_size=32).eval()
+x = torch.rand(64, 3, 32, 32)
+with torch.no_grad():
+    model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        model(x)
+print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def _child(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+             and not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, mode], env={**clean, **env}, capture_output=True,
+                          text=True, check=True, timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_process_reuses_freed_tensor_memory():
+    plain, tuned = _child("plain"), _child("tune")
+    assert tuned["tuned"] is True
+    # measured: 29,000-40,000 faults untuned (activation buffers mapped afresh each pass), 165-640 tuned
+    assert plain["faults"] > 10_000, plain
+    assert tuned["faults"] < plain["faults"] / 10, (plain, tuned)
+
+
+def test_operator_settings_are_left_alone():
+    assert _child("tune", MALLOC_MMAP_THRESHOLD_="65536")["tuned"] is False
