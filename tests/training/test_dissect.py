@@ -188,3 +188,23 @@ def test_cache_that_would_fill_the_disk_is_skipped_with_a_warning(tmp_path, capl
     assert "running the model again in pass 2" in caplog.text
     assert list(tmp_path.iterdir()) == []
     torch.testing.assert_close(cached.layers["layer2"].iou, plain.layers["layer2"].iou, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((4, 4), (32, 32)), ((7, 5), (112, 96)), ((3, 3), (10, 10)),
+                                          ((1, 1), (8, 8)), ((6, 6), (4, 4))])
+def test_block_sparse_counts_equal_dense_bilinear_counts(src, dst):
+    """IoUAccumulator interpolates only the blocks whose corners exceed T_k; its counts must equal thresholding
+    the dense F.interpolate maps, at integer and fractional scales and when shrinking."""
+    from conceptlens.training.dissect.iou import IoUAccumulator
+
+    gen = torch.Generator().manual_seed(sum(src) + sum(dst))
+    acts = torch.relu(torch.randn(6, 5, *src, generator=gen))
+    thresholds = torch.quantile(acts.transpose(0, 1).reshape(5, -1), 0.9, dim=1)
+    ids = torch.randint(0, 4, (6, *dst), generator=gen)
+    acc = IoUAccumulator(thresholds, [0, 0, 0, 0], ["object"])
+    acc.update(acts, {"object": ids})
+    on = F.interpolate(acts, size=dst, mode="bilinear", align_corners=False) > thresholds.view(1, -1, 1, 1)
+    onehot = F.one_hot(ids, 4).double()  # (B,H,W,C)
+    expected = torch.einsum("bkhw,bhwc->kc", on.double(), onehot)
+    torch.testing.assert_close(acc.intersection, expected, rtol=0, atol=0)
+    torch.testing.assert_close(acc.mask_pixels[:, 0], on.double().sum((0, 2, 3)), rtol=0, atol=0)
