@@ -34,7 +34,8 @@ def _blocks(n_in: int, n_out: int, device: str) -> tuple[torch.Tensor, torch.Ten
     """1-D bilinear interpolation (align_corners=False) grouped into blocks of output positions that read the same
     two cells of the source padded by one replicated cell at each end: block q reads padded cells q and q + 1,
     i.e. source cells q - 1 and q, clamped. Position j of block q gets (1 - λ_j)·cell q + λ_j·cell q+1.
-    Returns the positions (n_in + 1, S), -1 padded, and λ (n_in + 1, S); S is the largest block (≈ the scale)."""
+    Returns the positions (n_in + 1, S) and λ (n_in + 1, S), S the largest block (≈ the scale); padding slots
+    have λ = NaN, so whatever they interpolate to compares False against a threshold."""
     weights = _linear_weights(n_in, n_out, device)  # (n_out, n_in): F.interpolate's own weights
     first = (weights > 0).float().argmax(1)  # the lower source cell each position reads
     second = torch.clamp(first + 1, max=n_in - 1)
@@ -44,8 +45,8 @@ def _blocks(n_in: int, n_out: int, device: str) -> tuple[torch.Tensor, torch.Ten
     edge = (first == 0) & (lam == 0) & (index < n_out / 2)  # clamped at the top: read cell 0 only
     block = torch.where(edge, torch.zeros_like(first), first + 1)
     size = int(torch.bincount(block, minlength=n_in + 1).max())
-    positions = torch.full((n_in + 1, size), -1, dtype=torch.long, device=device)
-    lams = torch.zeros(n_in + 1, size, device=device)
+    positions = torch.zeros((n_in + 1, size), dtype=torch.long, device=device)
+    lams = torch.full((n_in + 1, size), float("nan"), device=device)  # padding: NaN is never > T_k
     slot = index - torch.searchsorted(block, block)  # place within its block (blocks ascend with j)
     positions[block, slot] = index
     lams[block, slot] = lam
@@ -79,6 +80,7 @@ class PreparedMasks:
     labels: dict[str, torch.Tensor]  # category -> (B,H,W) on the activations' device
     annotated: torch.Tensor  # (B, categories present) bool
     label_pixels: torch.Tensor  # (num_concepts,) float64 pixel counts of this batch
+    concepts: torch.Tensor  # (categories present, B·H·W) concept ids, clamped to the table
 
 
 class IoUAccumulator:
@@ -111,7 +113,8 @@ class IoUAccumulator:
             counts = torch.bincount(ids, minlength=self.num_concepts)[: self.num_concepts].double()
             pixels += counts * (self.concept_category == self.categories.index(cat)).double()
         pixels[0] = 0
-        return PreparedMasks(labels, annotated, pixels)
+        concepts = torch.stack([labels[cat].flatten() for cat in present]).clamp_(0, self.num_concepts - 1)
+        return PreparedMasks(labels, annotated, pixels, concepts)
 
     def update(
         self, acts: torch.Tensor, masks: Mapping[str, torch.Tensor], prepared: PreparedMasks | None = None
@@ -135,7 +138,6 @@ class IoUAccumulator:
         size = tuple(labels[present[0]].shape[-2:])
         self.label_pixels += prepared.label_pixels
         cat_cols = torch.tensor([self.categories.index(cat) for cat in present], device=device)
-        stacked = torch.stack([labels[cat].flatten() for cat in present])  # (categories, B·H·W) concept ids
         b_act, k_act = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).nonzero().unbind(1)  # active maps
         if b_act.numel() == 0:
             self.images += acts.shape[0]
@@ -143,30 +145,33 @@ class IoUAccumulator:
         rows, lam_y = _blocks(acts.shape[2], size[0], str(device))
         cols, lam_x = _blocks(acts.shape[3], size[1], str(device))
         padded = F.pad(acts[b_act, k_act].float().unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
-        corner_max = F.max_pool2d(padded.unsqueeze(1), 2, stride=1).squeeze(1)  # (n, h+1, w+1)
+        corner_max = torch.maximum(torch.maximum(padded[:, :-1, :-1], padded[:, :-1, 1:]),
+                                   torch.maximum(padded[:, 1:, :-1], padded[:, 1:, 1:]))  # (n, h+1, w+1)
         t_act = self.thresholds[k_act]
         hot = (corner_max > t_act.view(-1, 1, 1)).nonzero()  # (blocks, 3): map, block row, block column
-        step = max(1, _CHUNK_ELEMENTS // (rows.shape[1] * cols.shape[1]))
+        # a block's pixels are contiguous in y and in x: pixel = the block's first pixel + a fixed offset
+        offsets = (torch.arange(rows.shape[1], device=device).unsqueeze(1) * size[1]
+                   + torch.arange(cols.shape[1], device=device)).flatten()  # (Sy·Sx,)
+        unit_cells = k_act * self.num_concepts
+        step = max(1, _CHUNK_ELEMENTS // offsets.numel())
         for start in range(0, hot.shape[0], step):
             m, qy, qx = hot[start : start + step].unbind(1)
             c00, c01 = padded[m, qy, qx], padded[m, qy, qx + 1]
             c10, c11 = padded[m, qy + 1, qx], padded[m, qy + 1, qx + 1]
-            ly, lx = lam_y[qy].unsqueeze(2), lam_x[qx]  # (n,S,1), (n,S)
-            top = c00.unsqueeze(1) * (1 - lx) + c01.unsqueeze(1) * lx  # (n,S): along x first, as PyTorch does
+            ly, lx = lam_y[qy].unsqueeze(2), lam_x[qx]  # (n,Sy,1), (n,Sx)
+            top = c00.unsqueeze(1) * (1 - lx) + c01.unsqueeze(1) * lx  # along x first, as PyTorch does
             bottom = c10.unsqueeze(1) * (1 - lx) + c11.unsqueeze(1) * lx
             values = top.unsqueeze(1) * (1 - ly) + bottom.unsqueeze(1) * ly  # (n,Sy,Sx)
-            y_of, x_of = rows[qy], cols[qx]
-            on = (values > t_act[m].view(-1, 1, 1)) & (y_of >= 0).unsqueeze(2) & (x_of >= 0).unsqueeze(1)
-            sel, sy, sx = on.nonzero(as_tuple=True)
+            sel, slot = (values > t_act[m].view(-1, 1, 1)).flatten(1).nonzero(as_tuple=True)
             if sel.numel() == 0:
                 continue
-            maps = m[sel]
-            images, units = b_act[maps], k_act[maps]
+            per_block = torch.bincount(sel, minlength=len(m)).double()  # True pixels: |M_k(x)| in parts
             per_unit = torch.zeros(self.units, len(present), dtype=torch.float64, device=device)
-            self.mask_pixels[:, cat_cols] += per_unit.index_add_(0, units, annotated[images].double())
-            pixel = (images * size[0] + y_of[sel, sy]) * size[1] + x_of[sel, sx]
-            concept = stacked[:, pixel].clamp_(0, self.num_concepts - 1)
-            cells = (units * self.num_concepts + concept).flatten()  # a (unit, concept) cell per True pixel, category
+            self.mask_pixels[:, cat_cols] += per_unit.index_add_(0, k_act[m],
+                                                                 per_block.unsqueeze(1) * annotated[b_act[m]])
+            first = (b_act[m] * size[0] + rows[qy, 0]) * size[1] + cols[qx, 0]
+            pixel = first[sel] + offsets[slot]
+            cells = (prepared.concepts[:, pixel] + unit_cells[m][sel]).flatten()  # (unit, concept) per True pixel
             self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
                 self.intersection)
         self.images += acts.shape[0]

@@ -52,24 +52,28 @@ def label_units(iou: torch.Tensor, concepts: Sequence[Concept], threshold: float
     cat_ids = {cat: torch.tensor([c.id for c in concepts if c.category == cat and c.id > 0], dtype=torch.long)
                for cat in categories}
     scored = torch.tensor(sorted(by_id), dtype=torch.long)
+    # argmaxes for all units at once; the loop below only formats (a tensor op per unit and category took
+    # 30 ms for resnet18's 512 units)
+    best = (scored[iou[:, scored].argmax(1)] if len(scored) else torch.zeros(iou.shape[0], dtype=torch.long)).tolist()
+    value = iou.gather(1, torch.tensor(best).view(-1, 1)).squeeze(1).tolist()
+    per_cat_best = {}
+    for cat, ids in cat_ids.items():
+        if len(ids):
+            j = ids[iou[:, ids].argmax(1)]
+            per_cat_best[cat] = (j.tolist(), iou.gather(1, j.view(-1, 1)).squeeze(1).tolist())
     out = []
     for k in range(iou.shape[0]):
-        row = iou[k]
-        best = int(scored[int(torch.argmax(row[scored]))]) if len(scored) else 0
-        value = float(row[best]) if best else 0.0
-        per_cat: dict[str, dict[str, float | str]] = {}
-        for cat, ids in cat_ids.items():
-            if len(ids):
-                j = int(ids[int(torch.argmax(row[ids]))])
-                per_cat[cat] = {"label": by_id[j].name, "iou": float(row[j])}
-        concept = by_id.get(best)
+        v = value[k] if best[k] else 0.0
+        per_cat: dict[str, dict[str, float | str]] = {
+            cat: {"label": by_id[ids[k]].name, "iou": vals[k]} for cat, (ids, vals) in per_cat_best.items()}
+        concept = by_id.get(best[k])
         out.append(UnitLabel(
             index=k,
-            label=concept.name if concept and value > 0 else "",
-            category=concept.category if concept and value > 0 else "",
-            iou=value,
-            detector=value >= threshold,
-            concept_id=best if value > 0 else 0,
+            label=concept.name if concept and v > 0 else "",
+            category=concept.category if concept and v > 0 else "",
+            iou=v,
+            detector=v >= threshold,
+            concept_id=best[k] if v > 0 else 0,
             by_category=per_cat,
         ))
     return out
