@@ -5,7 +5,8 @@ IoU_{k,c} = Σ_x |M_k(x) ∩ L_c(x)| / Σ_x |M_k(x) ∪ L_c(x)|. As in NetDissec
 union only if its category is annotated in that image (any non-zero pixel in the category's mask): a scene label
 missing from half of Broden must not count as a miss there. On ShapesWorld every category is annotated in every
 image, so this is exactly the formula above. Counts are accumulated in float64 so they stay exact; see
-`IoUAccumulator.update` for why only maps whose maximum exceeds T_k are upsampled.
+`IoUAccumulator.update` for why only the 2x2-cell blocks of a map whose largest corner exceeds T_k are
+interpolated (`upsample` is the dense equivalent, used for report figures).
 """
 
 from __future__ import annotations
