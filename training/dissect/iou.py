@@ -139,9 +139,9 @@ class IoUAccumulator:
         size = tuple(labels[present[0]].shape[-2:])
         self.label_pixels += prepared.label_pixels
         cat_cols = torch.tensor([self.categories.index(cat) for cat in present], device=device)
+        self.images += acts.shape[0]
         b_act, k_act = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).nonzero().unbind(1)  # active maps
         if b_act.numel() == 0:
-            self.images += acts.shape[0]
             return
         rows, lam_y = _blocks(acts.shape[2], size[0], str(device))
         cols, lam_x = _blocks(acts.shape[3], size[1], str(device))
@@ -175,7 +175,6 @@ class IoUAccumulator:
             cells = (prepared.concepts[:, pixel] + unit_cells[m][sel]).flatten()  # (unit, concept) per True pixel
             self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
                 self.intersection)
-        self.images += acts.shape[0]
 
     def union(self) -> torch.Tensor:
         cat_of = self.concept_category.clamp(min=0)
