@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed calls per latency figure (median)")
     parser.add_argument("--duration", type=float, default=16.0,
                         help="seconds of Predict calls alone, and as many beside probes, for the p99 ratio (16 s: "
-                        "~10,000 calls each, so p99 rests on ~100 calls; 3 s left it swinging by +-0.3)")
+                        "~10,000 calls each, so p99 rests on ~100 calls; single 4 s rounds ranged x1.05-x1.72 "
+                        "within one run)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="the p99 measurement alternates alone / beside probes this many times")
     parser.add_argument("--torch-threads", type=int, default=1,
