@@ -92,16 +92,17 @@ def zoo_capture(model, layer):
     return capture(model, [layer], detach=True)
 
 
-@pytest.mark.parametrize(("layer", "cache"), [("layer1", False), ("layer3", True)])
-def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, tmp_path):
+@pytest.mark.parametrize(("layer", "cache", "chunk_bytes"), [("layer1", False, 1), ("layer3", True, 1),
+                                                             ("layer3", True, 32 << 20)])
+def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, chunk_bytes, tmp_path):
     torch.manual_seed(0)
     data = ShapesWorld(40, size=SIZE, seed=2, with_masks=True)
     model = zoo.build_model("small_cnn", data.classes, input_size=SIZE).eval()
     q = 0.005
-    # layer1 gives 40·16·16 = 10240 values per unit: more than k, so the sketch compacts (the top stays exact).
-    # With `cache`, pass 2 reads pass 1's activations back from disk instead of running the model again.
+    # With `cache`, pass 2 reads pass 1's chunks back from disk instead of running the model again.
+    # chunk_bytes=1: one chunk per batch of 7 (the last one short); 32 MB: the whole dataset in one chunk.
     result = dissect(model, data, DissectConfig(layers=(layer,), batch_size=7, sketch_k=4096, quantile=q,
-                                                cache=cache, cache_dir=str(tmp_path)))
+                                                cache=cache, cache_dir=str(tmp_path), chunk_bytes=chunk_bytes))
     assert list(tmp_path.iterdir()) == []  # the cache cleans up after itself
     thresholds, iou = _exact(model, data, layer, q)
     got = result.layers[layer]
@@ -129,12 +130,14 @@ class _SolidColourFirst(torch.utils.data.Dataset):
         return image, label, masks
 
 
-def test_unrepresentative_first_batch_falls_back_to_the_full_sketch_and_stays_exact(tmp_path, caplog):
-    # The first batch is two all-red images: the colour unit's tail bound from it lies above its final T_k.
+def test_unrepresentative_first_chunk_falls_back_to_the_full_sketch_and_stays_exact(tmp_path, caplog):
+    # The first chunk (one batch: chunk_bytes=1) is two all-red images: the colour unit's tail bound from it lies
+    # above its final T_k.
     data = _SolidColourFirst(ShapesWorld(60, size=SIZE, seed=6, with_masks=True), solid=2)
     model = zoo.build_model("test_planted", data.classes, input_size=SIZE, mean=(0, 0, 0), std=(1, 1, 1))
     with caplog.at_level("WARNING"):
-        result = dissect(model, data, DissectConfig(layers=("detect",), batch_size=2, cache_dir=str(tmp_path)))
+        result = dissect(model, data, DissectConfig(layers=("detect",), batch_size=2, cache_dir=str(tmp_path),
+                                                    chunk_bytes=1))
     assert "rerunning the threshold sketch in full" in caplog.text
     thresholds, iou = _exact(model, data, "detect", 0.005)
     torch.testing.assert_close(result.layers["detect"].thresholds, thresholds, rtol=0, atol=1e-6)

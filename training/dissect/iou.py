@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from conceptlens.handlers.errors import InvalidInput
+
+from .masks import MaskTable, PreparedMasks
 
 _CHUNK_ELEMENTS = 1 << 22  # interpolated block pixels held at once: ~16 MB in float32
 
@@ -76,14 +77,6 @@ def unit_masks(acts: torch.Tensor, size: tuple[int, int], thresholds: torch.Tens
     return up > t
 
 
-@dataclass
-class PreparedMasks:
-    labels: dict[str, torch.Tensor]  # category -> (B,H,W) on the activations' device
-    annotated: torch.Tensor  # (B, categories present) bool
-    label_pixels: torch.Tensor  # (num_concepts,) float64 pixel counts of this batch
-    concepts: torch.Tensor  # (categories present, B·H·W) concept ids, clamped to the table
-
-
 class IoUAccumulator:
     """Accumulate intersection and union counts of `units` thresholded maps against `num_concepts` concepts.
 
@@ -94,87 +87,78 @@ class IoUAccumulator:
     def __init__(self, thresholds: torch.Tensor, concept_category: Sequence[int], categories: Sequence[str]) -> None:
         self.thresholds = thresholds.detach().float()
         self.units = int(thresholds.numel())
-        self.categories = list(categories)
+        self.table = MaskTable(concept_category, categories)
+        self.categories = self.table.categories
         device = self.thresholds.device
-        self.concept_category = torch.as_tensor(list(concept_category), dtype=torch.long, device=device)
-        self.num_concepts = int(self.concept_category.numel())
+        self.concept_category = self.table.concept_category.to(device)
+        self.num_concepts = self.table.num_concepts
         self.intersection = torch.zeros(self.units, self.num_concepts, dtype=torch.float64, device=device)
         self.label_pixels = torch.zeros(self.num_concepts, dtype=torch.float64, device=device)
         self.mask_pixels = torch.zeros(self.units, len(self.categories), dtype=torch.float64, device=device)
         self.images = 0
 
-    def prepare(self, masks: Mapping[str, torch.Tensor], device: torch.device) -> PreparedMasks:
-        """Per-batch label statistics, computed once and shared by every layer's accumulator."""
-        present = [cat for cat in self.categories if cat in masks]
-        labels = {cat: masks[cat].to(device) for cat in present}
-        annotated = torch.stack([(labels[cat] != 0).flatten(1).any(1) for cat in present], 1)  # (B, cats)
-        pixels = torch.zeros(self.num_concepts, dtype=torch.float64, device=device)
-        for cat in present:
-            ids = labels[cat].flatten().clamp(0, self.num_concepts - 1)
-            counts = torch.bincount(ids, minlength=self.num_concepts)[: self.num_concepts].double()
-            pixels += counts * (self.concept_category == self.categories.index(cat)).double()
-        pixels[0] = 0
-        concepts = torch.stack([labels[cat].flatten() for cat in present]).clamp_(0, self.num_concepts - 1)
-        return PreparedMasks(labels, annotated, pixels, concepts)
-
-    def update(
-        self, acts: torch.Tensor, masks: Mapping[str, torch.Tensor], prepared: PreparedMasks | None = None
-    ) -> None:
-        """acts (B,K,h,w) on any device; masks: category -> (B,H,W) int64 global concept ids (0 = none).
+    def update(self, acts: torch.Tensor, masks: Mapping[str, torch.Tensor] | PreparedMasks) -> None:
+        """acts (B,K,h,w) on any device; masks: category -> (B,H,W) int64 global concept ids (0 = none), or the
+        same already prepared by a `MaskTable` (one preparation shared by every layer).
 
         Sparse and exact. Bilinear upsampling makes each output pixel a convex combination of the 2x2 source
         cells of its block (`_blocks`), so a pixel can exceed T_k only inside a block whose largest corner does.
         Only those blocks are interpolated, with F.interpolate's weights, and only their True pixels are
         counted (one bincount over all categories): the cost follows the few hot blocks of the ~q share of
         active maps instead of units × pixels (a 7x7 map upsampled to 112 px has 64 blocks of 16x16 pixels).
+        Maps, blocks and corners are addressed by flat index, so a chunk costs a fixed few dozen ops.
         """
         if acts.dim() != 4 or acts.shape[1] != self.units:
             raise InvalidInput("acts", f"expected (B, {self.units}, h, w), got {tuple(acts.shape)}")
-        present = [cat for cat in self.categories if cat in masks]
-        if not present:
-            raise InvalidInput("masks", f"none of the categories {self.categories} in {sorted(masks)}")
         device = acts.device
-        prepared = prepared or self.prepare(masks, device)
-        labels, annotated = prepared.labels, prepared.annotated
-        size = tuple(labels[present[0]].shape[-2:])
+        prepared = masks if isinstance(masks, PreparedMasks) else self.table.prepare_masks(masks, device)
+        if prepared.images != acts.shape[0]:
+            raise InvalidInput("masks", f"masks for {prepared.images} images, activations for {acts.shape[0]}")
         self.label_pixels += prepared.label_pixels
-        cat_cols = torch.tensor([self.categories.index(cat) for cat in present], device=device)
         self.images += acts.shape[0]
-        b_act, k_act = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).nonzero().unbind(1)  # active maps
-        if b_act.numel() == 0:
+        (height, width), (h, w) = prepared.size, acts.shape[2:]
+        active = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).flatten().nonzero().squeeze(1)  # b·K + k
+        if active.numel() == 0:
             return
-        rows, lam_y = _blocks(acts.shape[2], size[0], str(device))
-        cols, lam_x = _blocks(acts.shape[3], size[1], str(device))
-        padded = F.pad(acts[b_act, k_act].float().unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
-        corner_max = torch.maximum(torch.maximum(padded[:, :-1, :-1], padded[:, :-1, 1:]),
-                                   torch.maximum(padded[:, 1:, :-1], padded[:, 1:, 1:]))  # (n, h+1, w+1)
-        t_act = self.thresholds[k_act]
-        hot = (corner_max > t_act.view(-1, 1, 1)).nonzero()  # (blocks, 3): map, block row, block column
+        k_map, b_map = active % self.units, active // self.units
+        padded = F.pad(acts.flatten(0, 1).index_select(0, active).float().unsqueeze(1), (1, 1, 1, 1),
+                       mode="replicate")  # (maps, 1, h+2, w+2)
+        t_map = self.thresholds.index_select(0, k_map)
+        corner_max = torch.maximum(torch.maximum(padded[..., :-1, :-1], padded[..., :-1, 1:]),
+                                   torch.maximum(padded[..., 1:, :-1], padded[..., 1:, 1:])).flatten(1)  # per block
+        hot = (corner_max > t_map.unsqueeze(1)).flatten().nonzero().squeeze(1)  # map·blocks + block
+        rows, lam_y = _blocks(h, height, str(device))
+        cols, lam_x = _blocks(w, width, str(device))
         # a block's pixels are contiguous in y and in x: pixel = the block's first pixel + a fixed offset
-        offsets = (torch.arange(rows.shape[1], device=device).unsqueeze(1) * size[1]
+        offsets = (torch.arange(rows.shape[1], device=device).unsqueeze(1) * width
                    + torch.arange(cols.shape[1], device=device)).flatten()  # (Sy·Sx,)
-        unit_cells = k_act * self.num_concepts
+        corners = torch.tensor([0, 1, w + 2, w + 3], device=device)  # of a block, in the padded map
+        blocks, plane = (h + 1) * (w + 1), (h + 2) * (w + 2)
+        per_map = torch.zeros(active.numel(), dtype=torch.float64, device=device)
         step = max(1, _CHUNK_ELEMENTS // offsets.numel())
-        for start in range(0, hot.shape[0], step):
-            m, qy, qx = hot[start : start + step].unbind(1)
-            c00, c01 = padded[m, qy, qx], padded[m, qy, qx + 1]
-            c10, c11 = padded[m, qy + 1, qx], padded[m, qy + 1, qx + 1]
-            ly, lx = lam_y[qy].unsqueeze(2), lam_x[qx]  # (n,Sy,1), (n,Sx)
-            top = c00.unsqueeze(1) * (1 - lx) + c01.unsqueeze(1) * lx  # along x first, as PyTorch does
-            bottom = c10.unsqueeze(1) * (1 - lx) + c11.unsqueeze(1) * lx
-            values = top.unsqueeze(1) * (1 - ly) + bottom.unsqueeze(1) * ly  # (n,Sy,Sx)
-            sel, slot = (values > t_act[m].view(-1, 1, 1)).flatten(1).nonzero(as_tuple=True)
+        for start in range(0, hot.numel(), step):
+            part = hot[start : start + step]
+            m, q = part // blocks, part % blocks
+            qy, qx = q // (w + 1), q % (w + 1)
+            c = padded.view(-1).take((m * plane + qy * (w + 2) + qx).unsqueeze(1) + corners)  # (n, 4)
+            ly, lx = lam_y.index_select(0, qy).unsqueeze(2), lam_x.index_select(0, qx)  # (n,Sy,1), (n,Sx)
+            top = c[:, 0:1] * (1 - lx) + c[:, 1:2] * lx  # along x first, as PyTorch does
+            bottom = c[:, 2:3] * (1 - lx) + c[:, 3:4] * lx
+            over = (top.unsqueeze(1) * (1 - ly) + bottom.unsqueeze(1) * ly) > t_map.index_select(0, m).view(-1, 1, 1)
+            sel, slot = over.flatten(1).nonzero(as_tuple=True)
             if sel.numel() == 0:
                 continue
-            per_block = torch.bincount(sel, minlength=len(m)).double()  # True pixels: |M_k(x)| in parts
-            per_unit = torch.zeros(self.units, len(present), dtype=torch.float64, device=device)
-            self.mask_pixels[:, cat_cols] += per_unit.index_add_(0, k_act[m],
-                                                                 per_block.unsqueeze(1) * annotated[b_act[m]])
-            first = (b_act[m] * size[0] + rows[qy, 0]) * size[1] + cols[qx, 0]
-            pixel = first[sel] + offsets[slot]
-            cells = (prepared.concepts[:, pixel] + unit_cells[m][sel]).flatten()  # (unit, concept) per True pixel
+            per_map.index_add_(0, m, over.sum((1, 2), dtype=torch.int32).double())  # |M_k(x)| in parts
+            first = ((b_map.index_select(0, m) * height + rows[:, 0].index_select(0, qy)) * width
+                     + cols[:, 0].index_select(0, qx))
+            pixel = first.index_select(0, sel) + offsets.index_select(0, slot)
+            unit = (k_map.index_select(0, m) * self.num_concepts).index_select(0, sel)
+            cells = (prepared.concepts.index_select(1, pixel) + unit).flatten()  # (unit, concept) per True pixel
             self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
                 self.intersection)
+        per_unit = torch.zeros(self.units, len(prepared.categories), dtype=torch.float64, device=device)
+        per_unit.index_add_(0, k_map, per_map.unsqueeze(1) * prepared.annotated.index_select(0, b_map))
+        self.mask_pixels[:, torch.tensor(prepared.categories, device=device)] += per_unit
 
     def union(self) -> torch.Tensor:
         cat_of = self.concept_category.clamp(min=0)

@@ -28,6 +28,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 DEFAULT_K = 4096
 _SHRINK = 2.0 / 3.0
+_BOUND_SAMPLE = 8192  # values per unit that the tail sketch's bound is taken from
 
 
 class QuantileSketch:
@@ -109,12 +110,14 @@ class QuantileSketch:
             torch.full((lvl.shape[1],), float(2**h), device=values.device, dtype=torch.float64)
             for h, lvl in enumerate(self.levels)
         ])
-        order = torch.argsort(values, dim=1, descending=True)
+        # every item weighs >= 1, so the answer is among the top rank + 1 items: a partial sort suffices
+        top = torch.topk(values, min(values.shape[1], rank + 1), dim=1)
+        values, order = top.values, top.indices
         cum = torch.cumsum(weights[order], dim=1)  # (units, m): weight of items >= each sorted item
         idx = torch.searchsorted(cum, torch.full((self.units, 1), float(rank), device=values.device,
                                                  dtype=torch.float64), right=True)
         idx = idx.clamp_(max=values.shape[1] - 1)
-        return torch.gather(torch.gather(values, 1, order), 1, idx).squeeze(1)
+        return torch.gather(values, 1, idx).squeeze(1)
 
 
 class TailSketch:
@@ -122,7 +125,8 @@ class TailSketch:
 
     Dissection asks one quantile per unit, the top q = 0.005 tail. Values at or below a bound that lies under
     that quantile can never be the answer, so they are only counted. The bound is each unit's exact (1 − tail)
-    order statistic in the first update (the engine uses tail = 8q: a margin for drift between batches); per
+    order statistic in the first update, or in its first ≥ 8192 values per unit when it is bigger (the engine
+    uses tail = 8q: a margin for drift between chunks); per
     update only each unit's values above its bound enter a `QuantileSketch`, as one fixed-width block (the
     widest unit's count; shorter units are padded with −inf). Quantiles are then read by rank counted from the
     top, where neither the padding nor the dropped values can sit, so the answer is the one the full sketch
@@ -144,33 +148,41 @@ class TailSketch:
         self.at_bound: torch.Tensor | None = None  # (units,) values seen equal to the bound (dead ReLU units: all)
 
     def update(self, values: torch.Tensor) -> None:
-        """Absorb `values` (units, n): n new observations for every unit."""
-        if values.dim() != 2 or values.shape[0] != self.units:
+        """Absorb `values` (units, ...): the same number of new observations for every unit. Any view works;
+        a contiguous (units, n) one is fastest (the comparisons and `nonzero` run ~3x faster than on a strided
+        (K, B, h, w) view of activations, more than paying for the copy)."""
+        if values.dim() < 2 or values.shape[0] != self.units:
             raise InvalidInput("values", f"expected shape ({self.units}, n), got {tuple(values.shape)}")
-        n = values.shape[1]
+        n = values[0].numel()
         if n == 0:
             return
-        values = values.detach().float()
+        if values.dtype != torch.float32:
+            values = values.float()
+        values = values.detach()
+        dims = tuple(range(1, values.dim()))
         if self.bound is None:
-            rank = max(1, math.ceil((1.0 - self.tail) * n))  # kthvalue is 1-based
-            self.bound = values.kthvalue(rank, dim=1).values
+            per_row = n // values.shape[1]  # a big first update: a prefix of whole rows is plenty
+            first = values[:, : math.ceil(_BOUND_SAMPLE / per_row)].reshape(self.units, -1)
+            rank = max(1, math.ceil((1.0 - self.tail) * first.shape[1]))  # 1-based, ascending
+            # the rank-th smallest is the smallest of the top (m - rank + 1): a partial sort, faster than kthvalue
+            self.bound = first.topk(first.shape[1] - rank + 1, dim=1, sorted=False).values.amin(1)
             self.above = torch.zeros(self.units, dtype=torch.long, device=values.device)
             self.at_bound = torch.zeros_like(self.above)
-        bound = self.bound.unsqueeze(1)
-        above = values > bound
-        counts = above.sum(1)
+        bound = self.bound.view(-1, *([1] * len(dims)))
+        # each unit's values above its bound, packed to the left of one -inf padded block; nonzero lists them
+        # unit by unit, so a value's slot is its index minus its unit's start (2.5x faster than topk(width))
+        where = (values > bound).nonzero(as_tuple=True)
+        rows = where[0]
+        counts = torch.bincount(rows, minlength=self.units)
         self.above += counts
-        self.at_bound += (values == bound).sum(1)
+        self.at_bound += (values == bound).sum(dims, dtype=torch.int32)  # int32: ~30x faster than int64 on CPU
         self.count += n
         width = int(counts.max())
         if width == 0:
             return
-        # each unit's values above its bound, packed to the left of one -inf padded block; nonzero lists them
-        # row by row, so a value's slot is its index minus its row's start (2.5x faster than topk(width))
-        rows, cols = above.nonzero(as_tuple=True)
         slot = torch.arange(rows.numel(), device=values.device) - (torch.cumsum(counts, 0) - counts)[rows]
         block = values.new_full((self.units, width), float("-inf"))
-        block[rows, slot] = values[rows, cols]
+        block[rows, slot] = values[where]
         self.sketch.update(block)
 
     def _rank_from_top(self, p: float) -> int:
