@@ -77,6 +77,27 @@ def test_tail_sketch_is_exact_on_short_streams_and_sorts_only_the_tail():
     assert torch.equal(tail.quantile(0.995), expected)
 
 
+@pytest.mark.parametrize("told", [20000, 12000])
+def test_raised_tail_bounds_keep_the_exact_quantile_with_ties_and_dead_units(told):
+    """raise_bound lifts each unit's bound to its (r+1)-th largest held value once it holds more than r: the
+    answer stays the exact order statistic, ties included. Told 12000 of a 20000-value stream, its bounds may sit
+    too high for the real rank: `covers` must then say so rather than answer wrong."""
+    gen = torch.Generator().manual_seed(6)
+    values = (torch.relu(torch.randn(5, 20000, generator=gen)) * 20).round() / 20  # coarse: many ties
+    values[3] = 0.0  # a dead unit
+    values[4, :19950] = 0.0  # a sparse unit: under 50 non-zero values, fewer than the 0.995 rank (100) needs
+    tail = TailSketch(5, tail=0.04, k=4096)
+    for chunk in values.split(2500, dim=1):
+        tail.update(chunk)
+        tail.raise_bound(0.995, told)
+    assert tail.sketch.compactions == 0 and tail.sketch.levels[0].shape[1] < 0.3 * 0.04 * 20000  # pruned
+    expected = torch.quantile(values, 0.995, dim=1, interpolation="lower")
+    if tail.covers(0.995):
+        assert torch.equal(tail.quantile(0.995), expected)
+    else:
+        assert told < values.shape[1]
+
+
 def test_tail_sketch_keeps_the_full_sketchs_error_through_compactions():
     gen = torch.Generator().manual_seed(5)
     k, units = 128, 3

@@ -91,41 +91,72 @@ class ChunkStream:
                  *, keep_images: bool = False, contains: bool = False) -> Iterator[Chunk]:
         """Chunks in dataset order; with `model`, each carries the activations of `layers`."""
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-        parts: list[tuple[torch.Tensor | None, torch.Tensor | None, dict, torch.Tensor]] = []
-        present: list[int] = []
-        start = held = 0
+        buffer: _ChunkBuffer | None = None
+        start = 0
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
             images, labels, masks = unpack(batch)
             images = images.to(self.device)
             acts = forward(model, layers, images)[1] if model is not None else {}
-            now_present, stacked = self.table.stack(masks, self.device)
-            if parts and now_present != present:  # a chunk's masks stack into one tensor: same categories
-                yield self._merge(start, parts, present, contains)
-                start, held, parts = start + held, 0, []
-            present = now_present
-            parts.append((images if keep_images else None, None if labels is None else labels.to(self.device),
-                          acts, stacked))
-            held += images.shape[0]
-            if self.chunk_images is None:
-                self.chunk_images = self._chunk_images(images.shape[0], acts, stacked)
-            if held >= self.chunk_images:
-                yield self._merge(start, parts, present, contains)
-                start, held, parts = start + held, 0, []
-        if parts:
-            yield self._merge(start, parts, present, contains)
+            present, size = self.table.present(masks), images.shape[0]
+            if buffer is not None and not buffer.takes(present, size):
+                yield buffer.chunk(start, self.table, contains)
+                start, buffer = start + buffer.held, None
+            if buffer is None:
+                if self.chunk_images is None:
+                    self.chunk_images = self._chunk_images(size, acts, masks, present)
+                buffer = _ChunkBuffer(max(self.chunk_images, size), acts, masks, present, self.table, self.device)
+            buffer.add(acts, masks, images if keep_images else None,
+                       None if labels is None else labels.to(self.device), self.table)
+            if buffer.full:
+                yield buffer.chunk(start, self.table, contains)
+                start, buffer = start + buffer.held, None
+        if buffer is not None:
+            yield buffer.chunk(start, self.table, contains)
 
-    def _chunk_images(self, batch: int, acts: Mapping[str, torch.Tensor], stacked: torch.Tensor) -> int:
-        per_image = (sum(a.numel() * a.element_size() for a in acts.values())
-                     + stacked.numel() * stacked.element_size()) / batch
-        whole_batches = int(self.chunk_bytes // max(1.0, per_image)) // self.batch_size
+    def _chunk_images(self, batch: int, acts: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                      present: list[int]) -> int:
+        mask_bytes = len(present) * masks[self.table.categories[present[0]]][0].numel() * self.table.dtype.itemsize
+        per_image = sum(a[0].numel() * a.element_size() for a in acts.values()) + mask_bytes
+        whole_batches = int(self.chunk_bytes // max(1, per_image)) // self.batch_size
         return max(1, whole_batches) * self.batch_size
 
-    def _merge(self, start: int, parts: list, present: list[int], contains: bool) -> Chunk:
-        def cat(items: list, dim: int = 0) -> torch.Tensor:
-            return items[0] if len(items) == 1 else torch.cat(items, dim)
 
-        images = cat([p[0] for p in parts]) if parts[0][0] is not None else None
-        labels = cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
-        acts = {name: cat([p[2][name] for p in parts]) for name in parts[0][2]}
-        masks = self.table.prepare(present, cat([p[3] for p in parts], 1), contains=contains)
-        return Chunk(start, masks, labels, acts, images)
+class _ChunkBuffer:
+    """Preallocated tensors that one chunk fills batch by batch. Each batch's activations and masks are copied in
+    right after its forward pass, while they are still in the CPU cache, instead of concatenated at the end."""
+
+    def __init__(self, capacity: int, acts: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                 present: list[int], table: MaskTable, device: torch.device) -> None:
+        self.capacity, self.present, self.held = capacity, present, 0
+        self.acts = {name: a.new_empty((capacity, *a.shape[1:])) for name, a in acts.items()}
+        shape = masks[table.categories[present[0]]].shape[1:]
+        self.masks = torch.empty((capacity, *shape, len(present)), dtype=table.dtype, device=device)
+        self.images: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor | None] = []
+
+    def takes(self, present: list[int], size: int) -> bool:
+        return present == self.present and self.held + size <= self.capacity
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.capacity
+
+    def add(self, acts: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], images: torch.Tensor | None,
+            labels: torch.Tensor | None, table: MaskTable) -> None:
+        rows = slice(self.held, self.held + next(iter(masks.values())).shape[0])
+        for name, a in acts.items():
+            self.acts[name][rows].copy_(a)
+        table.stack(masks, self.masks.device, out=self.masks[rows])
+        if images is not None:
+            self.images.append(images)
+        self.labels.append(labels)
+        self.held = rows.stop
+
+    def chunk(self, start: int, table: MaskTable, contains: bool) -> Chunk:
+        def cat(items: list[torch.Tensor]) -> torch.Tensor:
+            return items[0] if len(items) == 1 else torch.cat(items)
+
+        labels = cat(self.labels) if all(t is not None for t in self.labels) else None
+        acts = {name: a[: self.held] for name, a in self.acts.items()}
+        masks = table.prepare(self.present, self.masks[: self.held], contains=contains)
+        return Chunk(start, masks, labels, acts, cat(self.images) if self.images else None)

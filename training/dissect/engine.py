@@ -169,6 +169,7 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
                 if config.adversarial:
                     stats.rep_sum[name] = a.new_zeros((len(classes), a[0].numel()), dtype=torch.float64)
             stats.sketches[name].update(a.transpose(0, 1).reshape(units, -1))  # unit-major: 3x faster ops
+            stats.sketches[name].raise_bound(1 - config.quantile, stream.images * a.shape[2] * a.shape[3])
             gap = a.mean((2, 3))
             stats.sums[name] += gap.sum(0).double() * (a.shape[2] * a.shape[3])  # running total in float64
             stats.positions[name] += a.shape[0] * a.shape[2] * a.shape[3]

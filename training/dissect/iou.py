@@ -22,6 +22,7 @@ from conceptlens.handlers.errors import InvalidInput
 from .masks import MaskTable, PreparedMasks
 
 _CHUNK_ELEMENTS = 1 << 22  # interpolated block pixels held at once: ~16 MB in float32
+_BLOCKS_AT_ONCE = 1 << 20  # hot blocks screened at once (corners and indices: ~60 MB)
 
 
 @functools.lru_cache(maxsize=32)
@@ -53,6 +54,30 @@ def _blocks(n_in: int, n_out: int, device: str) -> tuple[torch.Tensor, torch.Ten
     positions[block, slot] = index
     lams[block, slot] = lam
     return positions, lams
+
+
+@functools.lru_cache(maxsize=32)
+def _block_ends(n_in: int, n_out: int, device: str) -> torch.Tensor:
+    """(2, n_in + 1): λ of the first and the last position of each block of `_blocks` (λ ascends in a block)."""
+    lams = _blocks(n_in, n_out, device)[1]
+    last = (~lams.isnan()).sum(1) - 1
+    return torch.stack([lams[:, 0], lams.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)])
+
+
+@functools.lru_cache(maxsize=32)
+def _blocks_last(n_in: int, n_out: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_blocks` transposed: positions and λ as (S, n_in + 1), so gathered per-block columns sit last."""
+    positions, lams = _blocks(n_in, n_out, device)
+    return positions.t().contiguous(), lams.t().contiguous()
+
+
+def _interpolate(corners: torch.Tensor, lam_y: torch.Tensor, lam_x: torch.Tensor) -> torch.Tensor:
+    """Blocks interpolated as PyTorch's bilinear kernel does (along x first): corners (4, n) as c00, c01, c10,
+    c11; λ_y (Sy, n), λ_x (Sx, n) -> (Sy, Sx, n). Blocks sit in the last dimension: broadcasting over a long
+    contiguous one is ~5x faster on CPU than over (n, Sy, Sx)'s short ones."""
+    top = corners[0] * (1 - lam_x) + corners[1] * lam_x
+    bottom = corners[2] * (1 - lam_x) + corners[3] * lam_x
+    return top.unsqueeze(0) * (1 - lam_y).unsqueeze(1) + bottom.unsqueeze(0) * lam_y.unsqueeze(1)
 
 
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -127,38 +152,59 @@ class IoUAccumulator:
         corner_max = torch.maximum(torch.maximum(padded[..., :-1, :-1], padded[..., :-1, 1:]),
                                    torch.maximum(padded[..., 1:, :-1], padded[..., 1:, 1:])).flatten(1)  # per block
         hot = (corner_max > t_map.unsqueeze(1)).flatten().nonzero().squeeze(1)  # map·blocks + block
-        rows, lam_y = _blocks(h, height, str(device))
-        cols, lam_x = _blocks(w, width, str(device))
-        # a block's pixels are contiguous in y and in x: pixel = the block's first pixel + a fixed offset
-        offsets = (torch.arange(rows.shape[1], device=device).unsqueeze(1) * width
-                   + torch.arange(cols.shape[1], device=device)).flatten()  # (Sy·Sx,)
+        ends_y, ends_x = _block_ends(h, height, str(device)), _block_ends(w, width, str(device))
         corners = torch.tensor([0, 1, w + 2, w + 3], device=device)  # of a block, in the padded map
         blocks, plane = (h + 1) * (w + 1), (h + 2) * (w + 2)
         per_map = torch.zeros(active.numel(), dtype=torch.float64, device=device)
-        step = max(1, _CHUNK_ELEMENTS // offsets.numel())
-        for start in range(0, hot.numel(), step):
-            part = hot[start : start + step]
+        for start in range(0, hot.numel(), _BLOCKS_AT_ONCE):
+            part = hot[start : start + _BLOCKS_AT_ONCE]
             m, q = part // blocks, part % blocks
             qy, qx = q // (w + 1), q % (w + 1)
-            c = padded.view(-1).take((m * plane + qy * (w + 2) + qx).unsqueeze(1) + corners)  # (n, 4)
-            ly, lx = lam_y.index_select(0, qy).unsqueeze(2), lam_x.index_select(0, qx)  # (n,Sy,1), (n,Sx)
-            top = c[:, 0:1] * (1 - lx) + c[:, 1:2] * lx  # along x first, as PyTorch does
-            bottom = c[:, 2:3] * (1 - lx) + c[:, 3:4] * lx
-            over = (top.unsqueeze(1) * (1 - ly) + bottom.unsqueeze(1) * ly) > t_map.index_select(0, m).view(-1, 1, 1)
-            sel, slot = over.flatten(1).nonzero(as_tuple=True)
-            if sel.numel() == 0:
-                continue
-            per_map.index_add_(0, m, over.sum((1, 2), dtype=torch.int32).double())  # |M_k(x)| in parts
-            first = ((b_map.index_select(0, m) * height + rows[:, 0].index_select(0, qy)) * width
-                     + cols[:, 0].index_select(0, qx))
-            pixel = first.index_select(0, sel) + offsets.index_select(0, slot)
-            unit = (k_map.index_select(0, m) * self.num_concepts).index_select(0, sel)
-            cells = (prepared.concepts.index_select(1, pixel) + unit).flatten()  # (unit, concept) per True pixel
-            self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
-                self.intersection)
+            c = padded.view(-1).take(corners.unsqueeze(1) + (m * plane + qy * (w + 2) + qx))  # (4, n)
+            t = t_map.index_select(0, m)
+            # Bilinear interpolation is affine along each axis, so a block's largest pixel is one of its four
+            # extreme pixels. Most blocks with a corner above T_k (~85% on small_cnn) have no pixel above it:
+            # skip those whose extreme pixels stay below T_k by a margin ~100x float rounding, so nothing that
+            # the exact comparison below would count is ever skipped.
+            peak = _interpolate(c, ends_y.index_select(1, qy), ends_x.index_select(1, qx)).flatten(0, 1).amax(0)
+            keep = (peak > t - 1e-5 * c.abs().amax(0)).nonzero().squeeze(1)
+            m, qy, qx, t = (v.index_select(0, keep) for v in (m, qy, qx, t))
+            c = c.index_select(1, keep)
+            self._count_blocks(m, qy, qx, c, t, (b_map, k_map, h, w), per_map, prepared)
         per_unit = torch.zeros(self.units, len(prepared.categories), dtype=torch.float64, device=device)
         per_unit.index_add_(0, k_map, per_map.unsqueeze(1) * prepared.annotated.index_select(0, b_map))
         self.mask_pixels[:, torch.tensor(prepared.categories, device=device)] += per_unit
+
+    def _count_blocks(self, m: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+                      maps: tuple[torch.Tensor, torch.Tensor, int, int], per_map: torch.Tensor,
+                      prepared: PreparedMasks) -> None:
+        """Interpolate blocks (map m, block row qy and column qx, corners c (4, n), threshold t) pixel by pixel as
+        F.interpolate does and count their True pixels into the intersection and into per_map (|M_k(x)|).
+        `maps` holds each map's image and unit and the maps' size (h, w)."""
+        device = c.device
+        b_map, k_map, h, w = maps
+        height, width = prepared.size
+        rows, lam_y = _blocks_last(h, height, str(device))
+        cols, lam_x = _blocks_last(w, width, str(device))
+        # a block's pixels are contiguous in y and in x: pixel = the block's first pixel + a fixed offset
+        offsets = (torch.arange(rows.shape[0], device=device).unsqueeze(1) * width
+                   + torch.arange(cols.shape[0], device=device)).flatten()  # (Sy·Sx,)
+        step = max(1, _CHUNK_ELEMENTS // offsets.numel())
+        for start in range(0, m.numel(), step):
+            part = slice(start, start + step)
+            mp, yp, xp = m[part], qy[part], qx[part]
+            over = _interpolate(c[:, part], lam_y.index_select(1, yp), lam_x.index_select(1, xp)) > t[part]
+            slot, sel = over.flatten(0, 1).nonzero(as_tuple=True)  # (Sy·Sx, n): slot in the block, block
+            if sel.numel() == 0:
+                continue
+            per_map.index_add_(0, mp, over.sum((0, 1), dtype=torch.int32).double())  # |M_k(x)| in parts
+            first = ((b_map.index_select(0, mp) * height + rows[0].index_select(0, yp)) * width
+                     + cols[0].index_select(0, xp))
+            pixel = first.index_select(0, sel) + offsets.index_select(0, slot)
+            unit = (k_map.index_select(0, mp) * self.num_concepts).index_select(0, sel)
+            cells = (prepared.concepts.index_select(0, pixel) + unit.unsqueeze(1)).flatten()  # (unit, concept)
+            self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
+                self.intersection)
 
     def union(self) -> torch.Tensor:
         cat_of = self.concept_category.clamp(min=0)

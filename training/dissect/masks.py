@@ -1,8 +1,9 @@
 """Concept masks in the compact form dissection counts with, and the per-chunk label statistics.
 
-A batch's masks (category -> (B, H, W) int64 global concept ids, 0 = none) are stacked once into one
-(categories present, B, H·W) int16 tensor (int32 past 32767 concepts): a quarter of the bytes for the chunk's
-bookkeeping and the activation cache to move. Everything the IoU needs from the labels of a chunk of images then
+A batch's masks (category -> (B, H, W) int64 global concept ids, 0 = none) are stacked once into one pixel-major
+(B, H, W, categories present) int16 tensor (int32 past 32767 concepts): a quarter of the bytes for the chunk's
+bookkeeping and the activation cache to move, and the IoU reads all categories of a pixel in one row gather (10x
+faster than one gather per category). Everything the IoU needs from the labels of a chunk of images then
 comes from one `bincount` over (image, category, concept): pixel counts per concept, which categories each image
 annotates, and which concepts each image contains (for concept-class co-occurrence).
 """
@@ -21,9 +22,9 @@ from conceptlens.handlers.errors import InvalidInput
 class PreparedMasks:
     """The label side of one chunk of images, shared by every layer's IoU accumulator."""
 
-    categories: list[int]  # category index (into the table's categories) of each row of `concepts`
+    categories: list[int]  # category index (into the table's categories) of each column of `concepts`
     size: tuple[int, int]  # mask resolution (H, W)
-    concepts: torch.Tensor  # (categories present, B·H·W) int16/int32 concept ids, clamped to the table
+    concepts: torch.Tensor  # (B·H·W, categories present) int16/int32 concept ids, clamped to the table
     annotated: torch.Tensor  # (B, categories present) bool: the image has some label in that category
     label_pixels: torch.Tensor  # (num_concepts,) float64 pixel counts of this chunk, id 0 excluded
     contains: torch.Tensor | None = None  # (B, num_concepts) bool: concept occurs in the image (pass 1 only)
@@ -42,32 +43,43 @@ class MaskTable:
         self.concept_category = torch.as_tensor(list(concept_category), dtype=torch.long)
         self.num_concepts = int(self.concept_category.numel())
 
-    def stack(self, masks: Mapping[str, torch.Tensor], device: torch.device) -> tuple[list[int], torch.Tensor]:
-        """category -> (B, H, W) masks -> (category indices present, (present, B, H, W) clamped ids, int16 when
-        the table allows, else int32)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stacked masks' dtype: int16 while every concept id fits (clamping keeps negatives at 0)."""
+        return torch.int16 if self.num_concepts <= torch.iinfo(torch.int16).max else torch.int32
+
+    def present(self, masks: Mapping[str, torch.Tensor]) -> list[int]:
+        """Indices of the table's categories that `masks` annotates."""
         present = [i for i, cat in enumerate(self.categories) if cat in masks]
         if not present:
             raise InvalidInput("masks", f"none of the categories {self.categories} in {sorted(masks)}")
+        return present
+
+    def stack(self, masks: Mapping[str, torch.Tensor], device: torch.device,
+              out: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+        """category -> (B, H, W) masks -> (category indices present, (B, H, W, present) clamped ids in
+        `self.dtype`), written into `out` when given (e.g. a slice of a chunk's buffer)."""
+        present = self.present(masks)
         first = masks[self.categories[present[0]]]
-        dtype = torch.int16 if self.num_concepts <= torch.iinfo(torch.int16).max else torch.int32
-        out = torch.empty((len(present), *first.shape), dtype=dtype, device=device)
-        for row, i in enumerate(present):
+        if out is None:
+            out = torch.empty((*first.shape, len(present)), dtype=self.dtype, device=device)
+        for column, i in enumerate(present):
             mask = masks[self.categories[i]]
             if mask.shape != first.shape:
                 raise InvalidInput("masks", f"{self.categories[i]} mask has shape {tuple(mask.shape)}, "
                                             f"expected {tuple(first.shape)} like the others")
-            out[row].copy_(mask)
+            out[..., column].copy_(mask)
         return present, out.clamp_(0, self.num_concepts - 1)
 
     def prepare(self, present: list[int], stacked: torch.Tensor, *, contains: bool = False) -> PreparedMasks:
-        """Label statistics of stacked masks (present, B, H, W), from one bincount over (image, category, id)."""
-        rows, images = stacked.shape[:2]
-        size = (int(stacked.shape[2]), int(stacked.shape[3]))
+        """Label statistics of stacked masks (B, H, W, present), from one bincount over (image, category, id)."""
+        images, rows = stacked.shape[0], stacked.shape[3]
+        size = (int(stacked.shape[1]), int(stacked.shape[2]))
         cells = images * rows * self.num_concepts
         dtype = torch.int32 if cells < 2**31 else torch.long
-        offset = (torch.arange(images, device=stacked.device, dtype=dtype).view(1, -1) * rows
-                  + torch.arange(rows, device=stacked.device, dtype=dtype).view(-1, 1)) * self.num_concepts
-        flat = (stacked.flatten(2) + offset.unsqueeze(2)).flatten()
+        offset = (torch.arange(images, device=stacked.device, dtype=dtype).view(-1, 1) * rows
+                  + torch.arange(rows, device=stacked.device, dtype=dtype).view(1, -1)) * self.num_concepts
+        flat = (stacked.flatten(1, 2) + offset.unsqueeze(1)).flatten()
         counts = torch.bincount(flat, minlength=cells).view(images, rows, self.num_concepts)
         annotated = counts[:, :, 1:].sum(2) > 0
         own = self.concept_category.to(stacked.device).view(1, -1) == torch.tensor(present, device=stacked.device
@@ -78,7 +90,7 @@ class MaskTable:
         if contains:
             found = counts.sum(1) > 0
             found[:, 0] = False
-        return PreparedMasks(present, size, stacked.flatten(1), annotated, pixels, found)
+        return PreparedMasks(present, size, stacked.flatten(0, 2), annotated, pixels, found)
 
     def prepare_masks(self, masks: Mapping[str, torch.Tensor], device: torch.device) -> PreparedMasks:
         present, stacked = self.stack(masks, device)

@@ -185,6 +185,37 @@ class TailSketch:
         block[rows, slot] = values[where]
         self.sketch.update(block)
 
+    def raise_bound(self, p: float, total: int) -> None:
+        """Lift bounds towards the p-quantile of a stream of `total` values per unit, and drop the kept values
+        at or below them: later updates then keep ~(1 - p) of their values instead of `tail`, and the sketch stays
+        small enough never to compact. With r the p-quantile's rank from the top among `total` values, a unit
+        holding more than r values above its bound lifts it to its (r+1)-th largest held value: the whole stream
+        has at least r + 1 values at or above that, so its p-quantile cannot lie below. Only while the sketch is
+        exact (no compaction yet: every held value is a real one of weight 1, and the counts against the new
+        bound are exact). If the stream ends up longer than `total`, `covers` still guards the answer."""
+        if self.bound is None or self.sketch.compactions or len(self.sketch.levels) != 1:
+            return
+        rank = (total - 1) - math.floor(p * (total - 1))
+        held = self.sketch.levels[0]  # (units, m): every value seen above the bound, -inf padded
+        if rank < 0 or held.shape[1] <= rank:
+            return
+        top = held.topk(rank + 1, dim=1, sorted=False).values.amin(1)
+        lift = (self.above > rank) & (top > self.bound)
+        if not bool(lift.any()):
+            return
+        bound = torch.where(lift, top, self.bound).unsqueeze(1)
+        keep = held > bound
+        counts = keep.sum(1, dtype=torch.int32).long()
+        self.at_bound = torch.where(lift, (held == bound).sum(1, dtype=torch.int32).long(), self.at_bound)
+        self.above = torch.where(lift, counts, self.above)
+        self.bound = bound.squeeze(1)
+        rows, cols = keep.nonzero(as_tuple=True)
+        slot = torch.arange(rows.numel(), device=held.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        block = held.new_full((self.units, int(counts.max())), float("-inf"))
+        block[rows, slot] = held[rows, cols]
+        self.sketch.levels[0] = block
+        self.sketch.count = block.shape[1]
+
     def _rank_from_top(self, p: float) -> int:
         return (self.count - 1) - math.floor(p * (self.count - 1))
 
