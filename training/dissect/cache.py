@@ -1,7 +1,7 @@
 """Pass 1's chunks spilled to disk so pass 2 reads them back instead of running the model again.
 
 NetDissect-Lite caches features the same way. One raw file of sequential records, each a few named tensors
-(a chunk's activations, compact masks and class labels), read back in write order. Plain file I/O into
+(a chunk's candidate maps, compact masks and class labels), read back in write order. Plain file I/O into
 preallocated tensors (no mmap), so the resident memory stays that of one chunk; the file is deleted on exit.
 The newest record stays in memory until the next one arrives, so the last chunk of pass 1, the first one pass 2
 would otherwise read back, never touches the disk (a dataset of one chunk: no disk I/O at all).

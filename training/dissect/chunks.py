@@ -31,19 +31,21 @@ class Chunk:
     labels: torch.Tensor | None  # (B,) class indices on the device; None when the data has no classes
     acts: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, K, h, w), when the model ran
     images: torch.Tensor | None = None  # (B, 3, H, W), only when asked for (attacks need them)
+    candidates: dict[str, Candidates] = field(default_factory=dict)  # what the cache keeps instead of `acts`
 
     @property
     def size(self) -> int:
         return self.masks.images
 
-    def record(self) -> dict[str, torch.Tensor]:
-        """Everything pass 2 needs except the images, as named tensors for `ChunkCache`."""
+    def record(self, candidates: Mapping[str, Candidates]) -> dict[str, torch.Tensor]:
+        """The labels and `candidates` as named tensors for `ChunkCache`: what pass 2 needs without the model."""
         m = self.masks
         out = {"concepts": m.concepts, "annotated": m.annotated, "label_pixels": m.label_pixels,
                "categories": torch.tensor(m.categories), "size": torch.tensor(m.size)}
         if self.labels is not None:
             out["labels"] = self.labels
-        out.update({f"act:{name}": a for name, a in self.acts.items()})
+        for name, c in candidates.items():
+            out.update({f"maps:{name}": c.maps, f"index:{name}": c.index, f"gap:{name}": c.gap})
         return out
 
     @staticmethod
@@ -51,8 +53,19 @@ class Chunk:
         size = tuple(int(v) for v in record["size"])
         masks = PreparedMasks([int(v) for v in record["categories"]], (size[0], size[1]), record["concepts"],
                               record["annotated"], record["label_pixels"])
-        acts = {name[4:]: t for name, t in record.items() if name.startswith("act:")}
-        return Chunk(start, masks, record.get("labels"), acts)
+        names = [key[5:] for key in record if key.startswith("maps:")]
+        candidates = {n: Candidates(record[f"maps:{n}"], record[f"index:{n}"], record[f"gap:{n}"]) for n in names}
+        return Chunk(start, masks, record.get("labels"), candidates=candidates)
+
+
+@dataclass
+class Candidates:
+    """The maps of one layer that may exceed T_k, as pass 1 caches them: maps whose maximum tops a lower bound
+    of T_k (the tail sketch's bound). Pass 2's IoU needs no others, and MIS only the GAP of all."""
+
+    maps: torch.Tensor  # (n, h, w)
+    index: torch.Tensor  # (n,) int32 flat b·K + k of each map in its chunk
+    gap: torch.Tensor  # (B, K) global average pooling of every map
 
 
 def unpack(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ from conceptlens.handlers.modes import eval_mode
 from conceptlens.handlers.zoo import ImageClassifier, resolve_layer
 
 from .cache import ChunkCache
-from .chunks import Chunk, ChunkStream, forward, unpack
+from .chunks import Candidates, Chunk, ChunkStream, forward, unpack
 from .iou import IoUAccumulator
 from .labels import DETECTOR_IOU, Concept, UnitLabel, concept_table, detectors_by_category, label_units
 from .labels import unique_detectors as count_unique
@@ -149,7 +149,7 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
     stats = _Stats({}, {}, {}, {}, {}, {}, {}, torch.zeros(len(classes), dtype=torch.float64, device=device),
                    torch.zeros(num_ids, len(classes), dtype=torch.float64, device=device))
     for chunk in stream("dissect pass 1/2", model, layers, contains=True):
-        cache.write(chunk.record(), chunk.size)
+        candidates: dict[str, Candidates] = {}
         ids = torch.arange(chunk.start, chunk.start + chunk.size, device=device)
         labels = chunk.labels
         cls = labels if labels is not None else torch.zeros_like(ids)
@@ -168,14 +168,19 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
                 stats.pools[name] = TopKPool(units, config.top_k)
                 if config.adversarial:
                     stats.rep_sum[name] = a.new_zeros((len(classes), a[0].numel()), dtype=torch.float64)
-            stats.sketches[name].update(a.transpose(0, 1).reshape(units, -1))  # unit-major: 3x faster ops
-            stats.sketches[name].raise_bound(1 - config.quantile, stream.images * a.shape[2] * a.shape[3])
+            sketch = stats.sketches[name]
+            sketch.update(a.transpose(0, 1).reshape(units, -1))  # unit-major: 3x faster ops
+            sketch.raise_bound(1 - config.quantile, stream.images * a.shape[2] * a.shape[3])
             gap = a.mean((2, 3))
             stats.sums[name] += gap.sum(0).double() * (a.shape[2] * a.shape[3])  # running total in float64
             stats.positions[name] += a.shape[0] * a.shape[2] * a.shape[3]
             stats.gap_min[name] = torch.minimum(stats.gap_min[name], gap.min(0).values)
             stats.gap_max[name] = torch.maximum(stats.gap_max[name], gap.max(0).values)
-            stats.pools[name].update(a.amax((2, 3)), ids, cls)
+            peak = a.amax((2, 3))
+            stats.pools[name].update(peak, ids, cls)
+            if cache.enabled:  # the bound only rises and stays <= T_k (or `covers` fails), so no map above it is lost
+                index = (peak > sketch.bound.view(1, -1)).flatten().nonzero().squeeze(1)
+                candidates[name] = Candidates(a.flatten(0, 1).index_select(0, index), index.int(), gap)
             if labels is not None and config.adversarial:
                 onehot = torch.nn.functional.one_hot(labels, len(classes)).float()
                 stats.rep_sum[name] += (onehot.t() @ a.flatten(1)).double()
@@ -184,6 +189,7 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
             onehot = torch.nn.functional.one_hot(labels, len(classes)).double()
             stats.class_count += onehot.sum(0)
             stats.cooc += chunk.masks.contains[:, :num_ids].double().t() @ onehot
+        cache.write(chunk.record(candidates), chunk.size)
         stats.images += chunk.size
     if stats.images == 0:
         raise InvalidInput("data", "the dataset is empty")
@@ -199,6 +205,7 @@ def _thresholds(model, stream, config, layers, stats, cache) -> dict[str, torch.
     if short:
         log.warning("dissect: the first chunk was unrepresentative for %s; rerunning the threshold sketch in full",
                     ", ".join(short))
+        cache.close()  # it kept only maps above bounds that now lie above T_k: both passes rerun the model
         for chunk in _replay(model, stream, short, cache, "dissect: full threshold pass"):
             for name in short:
                 a = chunk.acts[name]
@@ -210,8 +217,8 @@ def _thresholds(model, stream, config, layers, stats, cache) -> dict[str, torch.
 
 def _replay(model, stream: ChunkStream, layers: Sequence[str], cache: ChunkCache, desc: str,
             keep_images: bool = False) -> Iterator[Chunk]:
-    """Pass 1's chunks again: read back from the cache, or (cache off) by running the model again. With
-    `keep_images` (attacks) the data is read again for the images and only the activations come from the cache."""
+    """Pass 1's chunks again: read back from the cache (labels and candidate maps), or (cache off) by running the
+    model again. With `keep_images` (attacks) the data is read again for the images, the rest from the cache."""
     if cache.enabled and not keep_images:
         cache.rewind()
         start = 0
@@ -225,7 +232,7 @@ def _replay(model, stream: ChunkStream, layers: Sequence[str], cache: ChunkCache
         return
     cache.rewind()
     for chunk in stream(desc, keep_images=True):
-        chunk.acts = Chunk.from_record(chunk.start, cache.read(stream.device)).acts
+        chunk.candidates = Chunk.from_record(chunk.start, cache.read(stream.device)).candidates
         yield chunk
 
 
@@ -268,10 +275,15 @@ def _second_pass(model, stream, config, layers, stats, thresholds, concepts, cat
     adv_success = adv_total = 0
     for chunk in _replay(model, stream, layers, cache, "dissect pass 2/2", keep_images=attack is not None):
         for name in layers:
-            a = chunk.acts[name]
-            acc[name].update(a, chunk.masks)
+            if name in chunk.candidates:
+                c = chunk.candidates[name]
+                acc[name].update_maps(c.maps, c.index, chunk.masks, chunk.size)
+                gap = c.gap
+            else:
+                acc[name].update(chunk.acts[name], chunk.masks)
+                gap = chunk.acts[name].mean((2, 3))
             if chunk.labels is not None:
-                mis_hist[name] += _mis_counts(a.mean((2, 3)), chunk.labels, stats.gap_min[name], stats.gap_max[name],
+                mis_hist[name] += _mis_counts(gap, chunk.labels, stats.gap_min[name], stats.gap_max[name],
                                               config.mis_bins, n_cls)
         if attack is not None:
             cls = chunk.labels

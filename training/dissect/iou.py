@@ -135,18 +135,28 @@ class IoUAccumulator:
         """
         if acts.dim() != 4 or acts.shape[1] != self.units:
             raise InvalidInput("acts", f"expected (B, {self.units}, h, w), got {tuple(acts.shape)}")
-        device = acts.device
-        prepared = masks if isinstance(masks, PreparedMasks) else self.table.prepare_masks(masks, device)
-        if prepared.images != acts.shape[0]:
-            raise InvalidInput("masks", f"masks for {prepared.images} images, activations for {acts.shape[0]}")
-        self.label_pixels += prepared.label_pixels
-        self.images += acts.shape[0]
-        (height, width), (h, w) = prepared.size, acts.shape[2:]
         active = (acts.amax((2, 3)) > self.thresholds.view(1, -1)).flatten().nonzero().squeeze(1)  # b·K + k
+        self.update_maps(acts.flatten(0, 1).index_select(0, active), active, masks, acts.shape[0])
+
+    def update_maps(self, maps: torch.Tensor, index: torch.Tensor, masks: Mapping[str, torch.Tensor] | PreparedMasks,
+                    images: int) -> None:
+        """`update` given only some maps of a (B, K, h, w) batch of `images`: maps (n, h, w) with their flat
+        indices b·K + k. Every map left out must stay at or below T_k (e.g. its maximum is at most a lower bound
+        of T_k), as those contribute nothing; pass 1 caches only such candidate maps (`engine`)."""
+        device = maps.device
+        prepared = masks if isinstance(masks, PreparedMasks) else self.table.prepare_masks(masks, device)
+        if prepared.images != images:
+            raise InvalidInput("masks", f"masks for {prepared.images} images, activations for {images}")
+        self.label_pixels += prepared.label_pixels
+        self.images += images
+        (height, width), (h, w) = prepared.size, maps.shape[1:]
+        index = index.long()
+        active = (maps.flatten(1).amax(1) > self.thresholds.index_select(0, index % self.units)).nonzero().squeeze(1)
         if active.numel() == 0:
             return
-        k_map, b_map = active % self.units, active // self.units
-        padded = F.pad(acts.flatten(0, 1).index_select(0, active).float().unsqueeze(1), (1, 1, 1, 1),
+        index = index.index_select(0, active)
+        k_map, b_map = index % self.units, index // self.units
+        padded = F.pad(maps.index_select(0, active).float().unsqueeze(1), (1, 1, 1, 1),
                        mode="replicate")  # (maps, 1, h+2, w+2)
         t_map = self.thresholds.index_select(0, k_map)
         corner_max = torch.maximum(torch.maximum(padded[..., :-1, :-1], padded[..., :-1, 1:]),
