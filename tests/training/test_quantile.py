@@ -98,6 +98,24 @@ def test_raised_tail_bounds_keep_the_exact_quantile_with_ties_and_dead_units(tol
         assert told < values.shape[1]
 
 
+def test_map_screened_updates_count_and_answer_like_full_updates():
+    """update_maps scans only maps whose maximum reaches the bound; its counts and answers must equal update's."""
+    gen = torch.Generator().manual_seed(7)
+    acts = (torch.relu(torch.randn(12, 32, 5, 6, 6, generator=gen)) * 10).round() / 10  # chunks of (32, 5, 6, 6)
+    acts[:, :, 2] = 0.0  # a dead unit
+    full, screened = TailSketch(5, tail=0.04), TailSketch(5, tail=0.04)
+    for chunk in acts:
+        full.update(chunk.transpose(0, 1).reshape(5, -1))
+        screened.update_maps(chunk, chunk.amax((2, 3)))
+        for sketch in (full, screened):
+            sketch.raise_bound(0.995, acts[:, :, 0].numel())
+        assert torch.equal(full.above, screened.above) and torch.equal(full.at_bound, screened.at_bound)
+    values = acts.transpose(0, 2).reshape(5, -1)
+    assert screened.covers(0.995)
+    expected = torch.quantile(values, 0.995, dim=1, interpolation="lower")
+    assert torch.equal(screened.quantile(0.995), expected) and torch.equal(full.quantile(0.995), expected)
+
+
 def test_tail_sketch_keeps_the_full_sketchs_error_through_compactions():
     gen = torch.Generator().manual_seed(5)
     k, units = 128, 3

@@ -159,7 +159,7 @@ class _ChunkBuffer:
         rows = slice(self.held, self.held + next(iter(masks.values())).shape[0])
         for name, a in acts.items():
             self.acts[name][rows].copy_(a)
-        table.stack(masks, self.masks.device, out=self.masks[rows])
+        table.stack(masks, self.masks.device, out=self.masks[rows], clamp=False)  # clamped once per chunk
         if images is not None:
             self.images.append(images)
         self.labels.append(labels)
@@ -171,5 +171,5 @@ class _ChunkBuffer:
 
         labels = cat(self.labels) if all(t is not None for t in self.labels) else None
         acts = {name: a[: self.held] for name, a in self.acts.items()}
-        masks = table.prepare(self.present, self.masks[: self.held], contains=contains)
+        masks = table.prepare(self.present, table.clamp(self.masks[: self.held]), contains=contains)
         return Chunk(start, masks, labels, acts, cat(self.images) if self.images else None)

@@ -80,6 +80,13 @@ def _interpolate(corners: torch.Tensor, lam_y: torch.Tensor, lam_x: torch.Tensor
     return top.unsqueeze(0) * (1 - lam_y).unsqueeze(1) + bottom.unsqueeze(0) * lam_y.unsqueeze(1)
 
 
+def _corner_max(maps: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) -> (n, h+1, w+1): the largest of the 2x2 cells each block of `_blocks` reads (the map padded by
+    one replicated cell), from shifted maxima; ~1.7x faster on CPU than padding and taking four shifted views."""
+    rows = torch.cat([maps[:, :1], torch.maximum(maps[:, :-1], maps[:, 1:]), maps[:, -1:]], 1)
+    return torch.cat([rows[:, :, :1], torch.maximum(rows[:, :, :-1], rows[:, :, 1:]), rows[:, :, -1:]], 2)
+
+
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of (..., h, w) maps to (..., H, W), as F.interpolate computes it.
 
@@ -156,21 +163,21 @@ class IoUAccumulator:
             return
         index = index.index_select(0, active)
         k_map, b_map = index % self.units, index // self.units
-        padded = F.pad(maps.index_select(0, active).float().unsqueeze(1), (1, 1, 1, 1),
-                       mode="replicate")  # (maps, 1, h+2, w+2)
+        hot_maps = maps.index_select(0, active).float()  # (n, h, w)
         t_map = self.thresholds.index_select(0, k_map)
-        corner_max = torch.maximum(torch.maximum(padded[..., :-1, :-1], padded[..., :-1, 1:]),
-                                   torch.maximum(padded[..., 1:, :-1], padded[..., 1:, 1:])).flatten(1)  # per block
-        hot = (corner_max > t_map.unsqueeze(1)).flatten().nonzero().squeeze(1)  # map·blocks + block
+        hot = (_corner_max(hot_maps) > t_map.view(-1, 1, 1)).flatten().nonzero().squeeze(1)  # map·blocks + block
         ends_y, ends_x = _block_ends(h, height, str(device)), _block_ends(w, width, str(device))
-        corners = torch.tensor([0, 1, w + 2, w + 3], device=device)  # of a block, in the padded map
-        blocks, plane = (h + 1) * (w + 1), (h + 2) * (w + 2)
+        blocks = (h + 1) * (w + 1)
         per_map = torch.zeros(active.numel(), dtype=torch.float64, device=device)
         for start in range(0, hot.numel(), _BLOCKS_AT_ONCE):
             part = hot[start : start + _BLOCKS_AT_ONCE]
             m, q = part // blocks, part % blocks
             qy, qx = q // (w + 1), q % (w + 1)
-            c = padded.view(-1).take(corners.unsqueeze(1) + (m * plane + qy * (w + 2) + qx))  # (4, n)
+            # block (qy, qx) reads source cells qy - 1 and qy (rows), qx - 1 and qx (columns), clamped
+            y0, y1 = (qy - 1).clamp_(min=0) * w, qy.clamp(max=h - 1) * w
+            x0, x1 = (qx - 1).clamp_(min=0), qx.clamp(max=w - 1)
+            base = m * (h * w)
+            c = hot_maps.view(-1).take(torch.stack([base + y0 + x0, base + y0 + x1, base + y1 + x0, base + y1 + x1]))
             t = t_map.index_select(0, m)
             # Bilinear interpolation is affine along each axis, so a block's largest pixel is one of its four
             # extreme pixels. Most blocks with a corner above T_k (~85% on small_cnn) have no pixel above it:
@@ -181,8 +188,9 @@ class IoUAccumulator:
             m, qy, qx, t = (v.index_select(0, keep) for v in (m, qy, qx, t))
             c = c.index_select(1, keep)
             self._count_blocks(m, qy, qx, c, t, (b_map, k_map, h, w), per_map, prepared)
-        per_unit = torch.zeros(self.units, len(prepared.categories), dtype=torch.float64, device=device)
-        per_unit.index_add_(0, k_map, per_map.unsqueeze(1) * prepared.annotated.index_select(0, b_map))
+        # |M_k(x)| per unit and image, then summed over the images that annotate each category
+        per_image = torch.bincount(k_map * images + b_map, weights=per_map, minlength=self.units * images)
+        per_unit = per_image.view(self.units, images) @ prepared.annotated.double()
         self.mask_pixels[:, torch.tensor(prepared.categories, device=device)] += per_unit
 
     def _count_blocks(self, m: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor, c: torch.Tensor, t: torch.Tensor,

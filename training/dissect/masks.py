@@ -55,10 +55,11 @@ class MaskTable:
             raise InvalidInput("masks", f"none of the categories {self.categories} in {sorted(masks)}")
         return present
 
-    def stack(self, masks: Mapping[str, torch.Tensor], device: torch.device,
-              out: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
-        """category -> (B, H, W) masks -> (category indices present, (B, H, W, present) clamped ids in
-        `self.dtype`), written into `out` when given (e.g. a slice of a chunk's buffer)."""
+    def stack(self, masks: Mapping[str, torch.Tensor], device: torch.device, out: torch.Tensor | None = None,
+              clamp: bool = True) -> tuple[list[int], torch.Tensor]:
+        """category -> (B, H, W) masks -> (category indices present, (B, H, W, present) ids in `self.dtype`,
+        clamped to the table unless `clamp` is False: then call `clamp` on the result before use), written into
+        `out` when given (e.g. a slice of a chunk's buffer)."""
         present = self.present(masks)
         first = masks[self.categories[present[0]]]
         if out is None:
@@ -69,7 +70,11 @@ class MaskTable:
                 raise InvalidInput("masks", f"{self.categories[i]} mask has shape {tuple(mask.shape)}, "
                                             f"expected {tuple(first.shape)} like the others")
             out[..., column].copy_(mask)
-        return present, out.clamp_(0, self.num_concepts - 1)
+        return present, self.clamp(out) if clamp else out
+
+    def clamp(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Clamp stacked ids in place to the table (an unknown id counts as the last concept, as before)."""
+        return stacked.clamp_(0, self.num_concepts - 1)
 
     def prepare(self, present: list[int], stacked: torch.Tensor, *, contains: bool = False) -> PreparedMasks:
         """Label statistics of stacked masks (B, H, W, present), from one bincount over (image, category, id)."""
