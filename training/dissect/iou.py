@@ -220,7 +220,7 @@ class IoUAccumulator:
                      + cols[0].index_select(0, xp))
             pixel = first.index_select(0, sel) + offsets.index_select(0, slot)
             unit = (k_map.index_select(0, mp) * self.num_concepts).index_select(0, sel)
-            cells = (prepared.concepts.index_select(0, pixel) + unit.unsqueeze(1)).flatten()  # (unit, concept)
+            cells = prepared.concepts.index_select(0, pixel).long().add_(unit.unsqueeze(1)).flatten()  # (unit, concept)
             self.intersection += torch.bincount(cells, minlength=self.intersection.numel()).view_as(
                 self.intersection)
 

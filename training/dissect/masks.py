@@ -84,7 +84,8 @@ class MaskTable:
         dtype = torch.int32 if cells < 2**31 else torch.long
         offset = (torch.arange(images, device=stacked.device, dtype=dtype).view(-1, 1) * rows
                   + torch.arange(rows, device=stacked.device, dtype=dtype).view(1, -1)) * self.num_concepts
-        flat = (stacked.flatten(1, 2) + offset.unsqueeze(1)).flatten()
+        # convert, then add in place: a broadcast add of int16 and int32 into a new tensor is ~4x slower on CPU
+        flat = stacked.flatten(1, 2).to(dtype).add_(offset.unsqueeze(1)).flatten()
         counts = torch.bincount(flat, minlength=cells).view(images, rows, self.num_concepts)
         annotated = counts[:, :, 1:].sum(2) > 0
         own = self.concept_category.to(stacked.device).view(1, -1) == torch.tensor(present, device=stacked.device

@@ -28,7 +28,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 DEFAULT_K = 4096
 _SHRINK = 2.0 / 3.0
-_BOUND_SAMPLE = 8192  # values per unit that the tail sketch's bound is taken from
+_BOUND_SAMPLE = 4096  # values per unit that the tail sketch's bound is taken from
 
 
 class QuantileSketch:
@@ -125,7 +125,7 @@ class TailSketch:
 
     Dissection asks one quantile per unit, the top q = 0.005 tail. Values at or below a bound that lies under
     that quantile can never be the answer, so they are only counted. The bound is each unit's exact (1 − tail)
-    order statistic in the first update, or in its first ≥ 8192 values per unit when it is bigger (the engine
+    order statistic in the first update, or in its first ≥ 4096 values per unit when it is bigger (the engine
     uses tail = 8q: a margin for drift between chunks); per
     update only each unit's values above its bound enter a `QuantileSketch`, as one fixed-width block (the
     widest unit's count; shorter units are padded with −inf). Quantiles are then read by rank counted from the
@@ -162,12 +162,7 @@ class TailSketch:
         dims = tuple(range(1, values.dim()))
         if self.bound is None:
             per_row = n // values.shape[1]  # a big first update: a prefix of whole rows is plenty
-            first = values[:, : math.ceil(_BOUND_SAMPLE / per_row)].reshape(self.units, -1)
-            rank = max(1, math.ceil((1.0 - self.tail) * first.shape[1]))  # 1-based, ascending
-            # the rank-th smallest is the smallest of the top (m - rank + 1): a partial sort, faster than kthvalue
-            self.bound = first.topk(first.shape[1] - rank + 1, dim=1, sorted=False).values.amin(1)
-            self.above = torch.zeros(self.units, dtype=torch.long, device=values.device)
-            self.at_bound = torch.zeros_like(self.above)
+            self._set_bound(values[:, : math.ceil(_BOUND_SAMPLE / per_row)].reshape(self.units, -1))
         bound = self.bound.view(-1, *([1] * len(dims)))
         # each unit's values above its bound, packed to the left of one -inf padded block; nonzero lists them
         # unit by unit, so a value's slot is its index minus its unit's start (2.5x faster than topk(width))
@@ -185,14 +180,22 @@ class TailSketch:
         block[rows, slot] = values[where]
         self.sketch.update(block)
 
+    def _set_bound(self, sample: torch.Tensor) -> None:
+        """The bound: each unit's exact (1 - tail) order statistic of `sample` (units, m)."""
+        rank = max(1, math.ceil((1.0 - self.tail) * sample.shape[1]))  # 1-based, ascending
+        # the rank-th smallest is the smallest of the top (m - rank + 1): a partial sort, faster than kthvalue
+        self.bound = sample.topk(sample.shape[1] - rank + 1, dim=1, sorted=False).values.amin(1)
+        self.above = torch.zeros(self.units, dtype=torch.long, device=sample.device)
+        self.at_bound = torch.zeros_like(self.above)
+
     def update_maps(self, acts: torch.Tensor, peak: torch.Tensor) -> None:
         """Absorb activations (B, units, ...) given each map's maximum `peak` (B, units): the values of every map
         count, but only maps whose maximum reaches its unit's bound are scanned. Once `raise_bound` has lifted the
         bounds near the answer that is a small share of the maps (~20% on small_cnn), so the comparisons, the
         `nonzero` and the tie counts run on that share instead of on every value."""
-        if self.bound is None:
-            return self.update(acts.transpose(0, 1).reshape(self.units, -1))
         images, per_map = peak.shape[0], acts[0, 0].numel()
+        if self.bound is None:  # from the first images, as `update` takes it from a prefix
+            self._set_bound(acts[: math.ceil(_BOUND_SAMPLE / per_map)].transpose(0, 1).reshape(self.units, -1))
         picked = (peak.t() >= self.bound.unsqueeze(1)).flatten().nonzero().squeeze(1)  # unit-major: k·B + b
         unit, image = picked // images, picked % images
         maps = acts.reshape(images * self.units, per_map).index_select(0, image * self.units + unit).float()
