@@ -39,12 +39,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, help="use only the first N images")
     parser.add_argument("--top-k", type=int, default=50, help="top images per unit for consistency (default 50)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
+    parser.add_argument("--chunk-mb", type=int, default=32,
+                        help="activations and masks per bookkeeping update, in MB (default 32; at least one batch): "
+                             "bigger amortises per-update cost, smaller bounds memory (CPU or GPU) more tightly")
     parser.add_argument("--cache-dir", type=Path,
-                        help="where pass-1 activations are spilled so pass 2 skips the forward pass (default: the "
-                             "system temp directory; disk grows with the images, memory does not; deleted "
-                             "afterwards; skipped with a warning if it would fill more than half the free space)")
+                        help="where pass 1 spills what pass 2 needs (the maps that may top a unit's threshold, and "
+                             "compact masks) so pass 2 skips the forward pass (default: the system temp directory; "
+                             "disk grows with the images, memory does not; deleted afterwards; skipped with a "
+                             "warning if it would fill more than half the free space)")
     parser.add_argument("--no-cache", action="store_true",
-                        help="run the model again in pass 2 instead of caching activations on disk")
+                        help="run the model again in pass 2 instead of caching pass 1 on disk")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random start and targets")
     parser.add_argument("--json", action="store_true", help="print the per-layer metrics as JSON")
 
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from conceptlens.training.dissect.report import write_report
     from conceptlens.training.dissect.sources import open_concepts, open_model
 
-    for name in ("batch_size", "steps", "top_k"):
+    for name in ("batch_size", "steps", "top_k", "chunk_mb"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(args, name)}")
     if not 0 < args.quantile < 1:
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     config = DissectConfig(layers=tuple(layers), quantile=args.quantile, iou_threshold=args.iou_threshold,
                            batch_size=args.batch_size, top_k=args.top_k, adversarial=args.adversarial,
                            eps=args.eps, steps=args.steps, seed=args.seed, max_images=args.max_images,
-                           cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None)
+                           cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                           chunk_bytes=args.chunk_mb << 20)
     start = time.perf_counter()
     result = dissect(model, data, config, affinity=affinity)
     seconds = time.perf_counter() - start
