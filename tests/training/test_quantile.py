@@ -87,9 +87,9 @@ def test_raised_tail_bounds_keep_the_exact_quantile_with_ties_and_dead_units(tol
     values[3] = 0.0  # a dead unit
     values[4, :19950] = 0.0  # a sparse unit: under 50 non-zero values, fewer than the 0.995 rank (100) needs
     tail = TailSketch(5, tail=0.04, k=4096)
+    tail.aim(0.995, told)  # every update raises the bounds before the sketch could compact
     for chunk in values.split(2500, dim=1):
         tail.update(chunk)
-        tail.raise_bound(0.995, told)
     assert tail.sketch.compactions == 0 and tail.sketch.levels[0].shape[1] < 0.3 * 0.04 * 20000  # pruned
     expected = torch.quantile(values, 0.995, dim=1, interpolation="lower")
     if tail.covers(0.995):
@@ -104,11 +104,11 @@ def test_map_screened_updates_count_and_answer_like_full_updates():
     acts = (torch.relu(torch.randn(12, 32, 5, 6, 6, generator=gen)) * 10).round() / 10  # chunks of (32, 5, 6, 6)
     acts[:, :, 2] = 0.0  # a dead unit
     full, screened = TailSketch(5, tail=0.04), TailSketch(5, tail=0.04)
+    for sketch in (full, screened):
+        sketch.aim(0.995, acts[:, :, 0].numel())
     for chunk in acts:
         full.update(chunk.transpose(0, 1).reshape(5, -1))
         screened.update_maps(chunk, chunk.amax((2, 3)))
-        for sketch in (full, screened):
-            sketch.raise_bound(0.995, acts[:, :, 0].numel())
         assert torch.equal(full.above, screened.above) and torch.equal(full.at_bound, screened.at_bound)
     values = acts.transpose(0, 2).reshape(5, -1)
     assert screened.covers(0.995)

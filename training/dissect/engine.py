@@ -161,6 +161,7 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
             if name not in stats.sketches:
                 stats.sketches[name] = TailSketch(units, tail=min(1.0, TAIL_MARGIN * config.quantile),
                                                   k=config.sketch_k, seed=config.seed)
+                stats.sketches[name].aim(1 - config.quantile, stream.images * a.shape[2] * a.shape[3])
                 stats.sums[name] = a.new_zeros(units, dtype=torch.float64)
                 stats.positions[name] = 0
                 stats.gap_min[name] = a.new_full((units,), float("inf"))
@@ -171,7 +172,6 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
             peak = a.amax((2, 3))
             sketch = stats.sketches[name]
             sketch.update_maps(a, peak)
-            sketch.raise_bound(1 - config.quantile, stream.images * a.shape[2] * a.shape[3])
             gap = a.mean((2, 3))
             stats.sums[name] += gap.sum(0).double() * (a.shape[2] * a.shape[3])  # running total in float64
             stats.positions[name] += a.shape[0] * a.shape[2] * a.shape[3]
@@ -191,6 +191,7 @@ def _first_pass(model, stream, config, layers, concepts, classes, cache) -> _Sta
             stats.cooc += chunk.masks.contains[:, :num_ids].double().t() @ onehot
         cache.write(chunk.record(candidates), chunk.size)
         stats.images += chunk.size
+        del chunk, candidates, a  # let the next chunk's buffers reuse this one's memory: the peak stays ~2 chunks
     if stats.images == 0:
         raise InvalidInput("data", "the dataset is empty")
     return stats

@@ -146,6 +146,7 @@ class TailSketch:
         self.bound: torch.Tensor | None = None  # (units,)
         self.above: torch.Tensor | None = None  # (units,) values seen above the bound, exact
         self.at_bound: torch.Tensor | None = None  # (units,) values seen equal to the bound (dead ReLU units: all)
+        self.target: tuple[float, int] | None = None  # (p, total) of `aim`
 
     def update(self, values: torch.Tensor) -> None:
         """Absorb `values` (units, ...): the same number of new observations for every unit. Any view works;
@@ -178,7 +179,7 @@ class TailSketch:
         slot = torch.arange(rows.numel(), device=values.device) - (torch.cumsum(counts, 0) - counts)[rows]
         block = values.new_full((self.units, width), float("-inf"))
         block[rows, slot] = values[where]
-        self.sketch.update(block)
+        self._absorb(block)
 
     def _set_bound(self, sample: torch.Tensor) -> None:
         """The bound: each unit's exact (1 - tail) order statistic of `sample` (units, m)."""
@@ -213,7 +214,24 @@ class TailSketch:
         slot = torch.arange(rows.numel(), device=acts.device) - (torch.cumsum(counts, 0) - counts)[rows]
         block = maps.new_full((self.units, width), float("-inf"))
         block[rows, slot] = maps.view(-1).index_select(0, where)
-        self.sketch.update(block)
+        self._absorb(block)
+
+    def aim(self, p: float, total: int) -> None:
+        """Say which quantile will be asked and how many values per unit the stream will have: every update then
+        raises the bounds towards it (`raise_bound`) before the sketch compacts, keeping it small and exact."""
+        self.target = (float(p), int(total))
+
+    def _absorb(self, block: torch.Tensor) -> None:
+        """Append a block of values above the bound to the sketch; with a target, prune it (`raise_bound`) while
+        it is still exact, then let it compact if it must."""
+        sketch = self.sketch
+        if not sketch.levels:
+            sketch.levels.append(block.new_empty((self.units, 0)))
+        sketch.levels[0] = torch.cat([sketch.levels[0], block], dim=1)
+        sketch.count += block.shape[1]
+        if self.target is not None:
+            self.raise_bound(*self.target)
+        sketch._compress()
 
     def raise_bound(self, p: float, total: int) -> None:
         """Lift bounds towards the p-quantile of a stream of `total` values per unit, and drop the kept values
