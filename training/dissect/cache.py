@@ -3,8 +3,8 @@
 NetDissect-Lite caches features the same way. One raw file of sequential records, each a few named tensors
 (a chunk's candidate maps, compact masks and class labels), read back in write order. Plain file I/O into
 preallocated tensors (no mmap), so the resident memory stays that of one chunk; the file is deleted on exit.
-The newest record stays in memory until the next one arrives, so the last chunk of pass 1, the first one pass 2
-would otherwise read back, never touches the disk (a dataset of one chunk: no disk I/O at all).
+Records stay in memory while they fit a budget (the newest one always), and only older ones are spilled: a small
+dataset never touches the disk, and a big one keeps its last records in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,15 @@ log = logging.getLogger(__name__)
 class ChunkCache:
     """Disabled (a no-op) without a directory. At the first record it estimates the whole cache from that record
     and `expected_images`, and switches itself off with a warning when that would need more than half the free
-    disk space (pass 2 then runs the model again: slower, same result)."""
+    disk space (pass 2 then runs the model again: slower, same result). `memory_bytes`: how much of the newest
+    records to hold in memory before spilling the oldest."""
 
-    def __init__(self, directory: str | None, expected_images: int = 0) -> None:
+    def __init__(self, directory: str | None, expected_images: int = 0, memory_bytes: int = 0) -> None:
         self.enabled = directory is not None
         self.expected_images = expected_images
+        self.memory_bytes = memory_bytes
         self._layouts: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []  # per record on disk
-        self._held: dict[str, torch.Tensor] | None = None  # the newest record, not yet on disk
+        self._held: deque[dict[str, torch.Tensor]] = deque()  # the newest records, not on disk
         self._next = 0
         self._file: Any = None
         if self.enabled:
@@ -47,10 +50,10 @@ class ChunkCache:
         self.close()
 
     def __len__(self) -> int:
-        return len(self._layouts) + (self._held is not None)
+        return len(self._layouts) + len(self._held)
 
     def close(self) -> None:
-        self._held = None
+        self._held.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -62,11 +65,11 @@ class ChunkCache:
         """Append one record (name -> tensor) covering `images` images."""
         if not self.enabled:
             return
-        if self._held is None and not self._layouts and not self._fits(record, images):
+        if not self._held and not self._layouts and not self._fits(record, images):
             return
-        if self._held is not None:
-            self._spill(self._held)
-        self._held = dict(record)
+        self._held.append(dict(record))
+        while len(self._held) > 1 and sum(_nbytes(r) for r in self._held) > self.memory_bytes:
+            self._spill(self._held.popleft())
 
     def _spill(self, record: Mapping[str, torch.Tensor]) -> None:
         layout = []
@@ -77,7 +80,7 @@ class ChunkCache:
         self._layouts.append(layout)
 
     def _fits(self, record: Mapping[str, torch.Tensor], images: int) -> bool:
-        per_image = sum(t.numel() * t.element_size() for t in record.values()) / max(1, images)
+        per_image = _nbytes(record) / max(1, images)
         need = per_image * max(images, self.expected_images)
         free = shutil.disk_usage(self._tmp.name).free
         if need <= free // 2:
@@ -96,9 +99,9 @@ class ChunkCache:
 
     def read(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The next record, on `device`."""
-        if self._next == len(self._layouts):
+        if self._next >= len(self._layouts):
             self._next += 1
-            return {name: t.to(device) for name, t in self._held.items()}
+            return {name: t.to(device) for name, t in self._held[self._next - 1 - len(self._layouts)].items()}
         out = {}
         for name, shape, dtype in self._layouts[self._next]:
             t = torch.empty(shape, dtype=dtype)
@@ -106,3 +109,7 @@ class ChunkCache:
             out[name] = t.to(device)
         self._next += 1
         return out
+
+
+def _nbytes(record: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in record.values())

@@ -120,7 +120,7 @@ def dissect(
                          chunk_bytes=config.chunk_bytes, num_workers=config.num_workers,
                          max_images=config.max_images)
     directory = (config.cache_dir or tempfile.gettempdir()) if config.cache else None
-    with eval_mode(model), ChunkCache(directory, stream.images) as cache:
+    with eval_mode(model), ChunkCache(directory, stream.images, memory_bytes=config.chunk_bytes) as cache:
         stats = _first_pass(model, stream, config, layers, concepts, classes, cache)
         thresholds = _thresholds(model, stream, config, layers, stats, cache)
         result = _second_pass(model, stream, config, layers, stats, thresholds, concepts, categories, concept_cat,
