@@ -151,10 +151,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--n", type=int, default=2048, help="images for the throughput comparison")
     parser.add_argument("--arch", default="small_cnn", help="zoo architecture for the throughput comparison")
-    parser.add_argument("--memory-n", type=int, nargs=2, default=[1000, 10000], help="the two memory runs")
+    parser.add_argument("--memory-n", type=int, nargs="+", default=[1000, 10000],
+                        help="image counts of the memory runs (ratio: last / first)")
     parser.add_argument("--size", type=int, default=32, help="image size (small_cnn)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each side's best counts")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two measurements")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -183,8 +184,8 @@ def main() -> int:
               f"ratio {t['ratio']} (target >= {t['target_ratio']}); without the activation cache "
               f"{t['dissect_no_cache_images_per_s']} img/s, ratio {t['ratio_no_cache']}")
     if m:
-        print(f"peak memory {m['runs'][0]['images']} vs {m['runs'][1]['images']} images: "
-              f"{m['runs'][0][m['measure']]} vs {m['runs'][1][m['measure']]} MB, ratio {m['ratio']} (target ~1)")
+        print(f"peak memory {' vs '.join(str(r['images']) for r in m['runs'])} images: "
+              f"{' vs '.join(str(r[m['measure']]) for r in m['runs'])} MB, ratio {m['ratio']} (target ~1)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     return 0
