@@ -1,12 +1,14 @@
 """Dissection cost, measured side by side in one run on the same images.
 
 1. Throughput: images/s of `dissect()` as `conceptlens dissect` runs it (both passes, no attack; pass 2 reads
-   pass 1's activations back from the on-disk cache) vs a plain forward pass over the same images through the
-   same DataLoader (target: dissection ≥ 0.8× forward), and of `dissect()` with the cache off (`--no-cache`:
-   pass 2 runs the model again). Images and masks are rendered into memory first so neither side pays for
-   ShapesWorld generation.
-2. Memory: peak memory of a dissection over 1k vs 10k generated images, each in a fresh subprocess (peak RSS
-   on CPU, peak CUDA allocation on GPU). Target: flat (ratio ≈ 1).
+   pass 1's candidate maps and compact masks back from its cache) vs a plain forward pass over the same images
+   through the same DataLoader (target: dissection ≥ 0.8× forward), and of `dissect()` with the cache off
+   (`--no-cache`: pass 2 runs the model again). Images and masks are rendered into memory first so neither side
+   pays for ShapesWorld generation. Rounds alternate the sides and each side's best round counts: single rounds
+   of this 2-core machine's ratio spread by ±0.02.
+2. Memory: peak memory of a dissection over 1k vs 10k generated images (`--memory-n` for more sizes), each in
+   a fresh subprocess (peak RSS on CPU, peak CUDA allocation on GPU). Target: flat (ratio ≈ 1): the chunk
+   budget (`DissectConfig.chunk_bytes`), not the number of images, sets it.
 
 Prints the ratios and writes bench/results/dissect.json.
 
