@@ -57,7 +57,7 @@ class DissectConfig:
     seed: int = 0
     num_workers: int = 0
     max_images: int | None = None
-    cache: bool = True  # spill pass-1 activations to disk so pass 2 reads them instead of running the model
+    cache: bool = True  # keep what pass 2 needs from pass 1 (`ChunkCache`) instead of running the model again
     cache_dir: str | None = None  # where the cache files go; None: the system temp directory
     chunk_bytes: int = 32 << 20  # activations + masks per bookkeeping update (at least one batch)
 
