@@ -2,7 +2,7 @@
 
 A batch's masks (category -> (B, H, W) int64 global concept ids, 0 = none) are stacked once into one pixel-major
 (B, H, W, categories present) int16 tensor (int32 past 32767 concepts): a quarter of the bytes for the chunk's
-bookkeeping and the activation cache to move, and the IoU reads all categories of a pixel in one row gather (10x
+bookkeeping and the activation cache to move, and the IoU reads all categories of a pixel in one row gather (6-9x
 faster than one gather per category). Everything the IoU needs from the labels of a chunk of images then
 comes from one `bincount` over (image, category, concept): pixel counts per concept, which categories each image
 annotates, and which concepts each image contains (for concept-class co-occurrence).
