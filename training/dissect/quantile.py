@@ -176,9 +176,7 @@ class TailSketch:
         width = int(counts.max())
         if width == 0:
             return
-        slot = torch.arange(rows.numel(), device=values.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        block = values.new_full((self.units, width), float("-inf"))
-        block[rows, slot] = values[where]
+        block = _pack(values[where], rows, counts, self.units)
         self._absorb(block)
 
     def _set_bound(self, sample: torch.Tensor) -> None:
@@ -211,9 +209,7 @@ class TailSketch:
         width = int(counts.max()) if rows.numel() else 0
         if width == 0:
             return
-        slot = torch.arange(rows.numel(), device=acts.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        block = maps.new_full((self.units, width), float("-inf"))
-        block[rows, slot] = maps.view(-1).index_select(0, where)
+        block = _pack(maps.view(-1).index_select(0, where), rows, counts, self.units)
         self._absorb(block)
 
     def aim(self, p: float, total: int) -> None:
@@ -258,9 +254,7 @@ class TailSketch:
         self.above = torch.where(lift, counts, self.above)
         self.bound = bound.squeeze(1)
         rows, cols = keep.nonzero(as_tuple=True)
-        slot = torch.arange(rows.numel(), device=held.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        block = held.new_full((self.units, int(counts.max())), float("-inf"))
-        block[rows, slot] = held[rows, cols]
+        block = _pack(held[rows, cols], rows, counts, self.units)
         self.sketch.levels[0] = block
         self.sketch.count = block.shape[1]
 
@@ -283,3 +277,12 @@ class TailSketch:
         if self.sketch.count == 0:  # nothing ever rose above the bound: the answer is the bound itself
             return self.bound.clone()
         return torch.where(self.above > rank, self.sketch.top_rank(rank), self.bound)
+
+
+def _pack(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, units: int) -> torch.Tensor:
+    """Values listed unit by unit (`rows` ascending, `counts` per unit) -> one (units, max count) block, each
+    unit's values packed to the left and -inf after: a value's slot is its index minus its unit's start."""
+    slot = torch.arange(rows.numel(), device=values.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    block = values.new_full((units, int(counts.max()) if rows.numel() else 0), float("-inf"))
+    block[rows, slot] = values
+    return block
