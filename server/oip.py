@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ OUTPUT = "logits"
 PLATFORM = "onnxruntime_onnx"
 _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("<u1")}
 _CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only, below 2**63
 
 
 def _measured(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -184,6 +186,6 @@ def _version(value: str, field: str) -> int:
     """OIP versions are decimal strings; empty means the latest (0 for the repository)."""
     if not value:
         return 0
-    if not value.isdigit() or int(value) < 1:
-        raise InvalidInput(field, f"must be a positive decimal version number, got {value!r}")
+    if not _VERSION.fullmatch(value) or int(value) < 1:  # not str.isdigit: it takes "²", which int() refuses
+        raise InvalidInput(field, f"must be a positive decimal version number, got {value[:32]!r}")
     return int(value)
