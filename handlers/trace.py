@@ -47,6 +47,7 @@ class TraceOptions:
     chunk: int = 64  # ablated copies per suffix re-run
 
 
+    check: Callable[[], None] | None = None  # called between exact passes; raises to stop (call ended, deadline)
 @dataclass
 class UnitTrace:
     layer: str
@@ -260,6 +261,8 @@ def hidden_deltas(
 def _ablate(model, x, layer, a, base, units, target, watch, chunk) -> torch.Tensor:
     """target(x | A_k := b_k) for each k in `units`, re-running the suffix on one ablated copy per unit."""
     out = []
+    if options.check is not None:
+        options.check()
     for start in range(0, units.numel(), chunk):
         ks = units[start : start + chunk]
         n = ks.numel()

@@ -1,7 +1,14 @@
 """Assemble and run the server: grpc.aio with the ConceptLens servicer, standard health (overall, the service,
 and one entry per model: `models/<name>`), server reflection, TLS / mTLS, interceptors, Prometheus exposition,
 repository polling, and a graceful stop: SIGTERM flips health to NOT_SERVING, refuses new calls, lets in-flight
-calls finish within `grace_s`, then returns so the process exits 0.
+calls finish within `grace_s`, then cancels the rest (their traces stop at the next check, probe workers are
+terminated) and returns so the process exits 0. A watchdog exits the process (status 1) if that still takes more
+than `grace_s` + SHUTDOWN_SLACK_S, whatever is running: Kubernetes would otherwise SIGKILL it.
+
+Admission (docs/design.md, serving under overload): each expensive method has its own limit of calls in flight
+(BatchConfig.max_inflight, enforced by AdmissionInterceptor with a retry hint); the grpc.aio server's
+`maximum_concurrent_rpcs` is a backstop above their sum, so that cheap calls (health, ListModels) still get in and
+the event loop never holds an unbounded backlog.
 """
 
 from __future__ import annotations
@@ -9,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +29,7 @@ from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
-from .interceptors import MetricsInterceptor, TokenAuthInterceptor
+from .interceptors import AdmissionInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
 from .oip import SERVICE_NAME as OIP_SERVICE_NAME
 from .oip import OipServicer
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConceptLens"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CHEAP_CALLS = 64  # in-flight room for unlimited methods (health, ListModels, GetModel, reflection) in the backstop
+SHUTDOWN_SLACK_S = 1.5  # after SIGTERM the process is gone within grace + this (the watchdog's margin)
 
 
 def model_health_name(model: str) -> str:
@@ -60,18 +71,24 @@ class ConceptLensServer:
         self._http = None
         self._poller: asyncio.Task | None = None
         self._health_names: set[str] = set()
+        self._stopping = False
 
     async def start(self) -> int:
         cfg = self.config
         await self.repository.refresh()
         # Probe workers import torch and load the served models in the background; start() does not wait.
         await asyncio.to_thread(self.probe_workers.start, [self.repository.resolve(n) for n in self.repository.names()])
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics, self.repository.names)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MetricsInterceptor(self.metrics, self.repository.names, lambda: self._stopping)]
         if cfg.token:
             interceptors.append(TokenAuthInterceptor(cfg.token))
         limit = cfg.limits.max_message_bytes
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        inflight = {"Predict": cfg.predict.max_inflight, "Explain": cfg.explain.max_inflight,
+                    "Probe": cfg.probe.max_inflight}
+        interceptors.append(AdmissionInterceptor(self.metrics, inflight, limit))
+        server = grpc.aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=sum(inflight.values()) + CHEAP_CALLS,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         pb_grpc.add_ConceptLensServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Open Inference Protocol (KServe v2) beside conceptlens.v1, on the same repository and Predict batcher.
@@ -103,6 +120,7 @@ class ConceptLensServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within `grace` seconds, release everything."""
         grace = self.config.grace_s if grace is None else grace
+        self._stopping = True
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,5 +181,20 @@ async def serve(config: ServerConfig) -> int:
     print(f"conceptlens serve: listening on port {server.port}", flush=True)  # result line for scripts and tests
     await stop.wait()
     log.info("signal received: draining (grace %.1fs)", config.grace_s)
+    _exit_after(config.grace_s + SHUTDOWN_SLACK_S)
     await server.stop()
     return 0
+
+
+def _exit_after(seconds: float) -> None:
+    """Start a daemon thread that ends the process after `seconds` if it has not exited by then: a batch inside
+    one ONNX Runtime call or a probe stuck in C code cannot be interrupted, and the executor threads running them
+    would keep the interpreter from exiting."""
+
+    def watchdog() -> None:
+        threading.Event().wait(seconds)
+        log.error("still stopping %.1fs after the signal; exiting now with work in flight", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()

@@ -5,8 +5,11 @@ A batch closes when it holds `max_batch` images or when its oldest request has w
 comes first (Triton's dynamic batcher), or at once when no other caller is waiting on this queue: nothing more
 can join, and a lone caller should not pay the delay. A request with more images than `max_batch` runs as a
 batch of its own.
-Requests whose deadline passed while queued are failed with DeadlineExpired without running; requests whose
-caller went away (cancelled futures) are skipped. A full queue refuses new work at once with QueueFull.
+Admission: a request that could not start before its deadline (the running batches and the full batches queued
+ahead of it, at the moving average of recent batch times) or that finds the queue full is refused at once with
+Overloaded (RESOURCE_EXHAUSTED with a retry hint), rather than queued to expire. `check_admission` makes the same
+decision before the servicer decodes the images. Requests whose deadline passed while queued are failed with
+DeadlineExpired without running; requests whose caller went away (cancelled futures) are skipped.
 Each batcher owns its executor, so a slow method (Probe) cannot take the threads of a fast one (Predict).
 """
 
@@ -22,10 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from conceptlens.handlers.errors import QueueFull
-
 from .config import BatchConfig
-from .errors import DeadlineExpired
+from .errors import DeadlineExpired, Overloaded
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,43 @@ class Batcher(Generic[P, R]):
                          for i in range(config.workers)]
         self._depth = metrics.queue_depth.labels(model, method)
         self._outstanding = 0  # callers inside submit(): queued, running, or about to receive their result
+        self._batch_s = 0.0  # moving average of one batch's run time (0 until the first batch ran)
+        self._running: list[float] = []  # start times of the batches running now
+
+    def expected_start_s(self) -> float:
+        """Seconds until a request arriving now would start running: the rest of the running batches when every
+        worker is busy, then the full batches queued ahead of it (it may join the last, partial one), at the
+        recent batch time."""
+        if self._batch_s == 0.0:
+            return 0.0
+        now = time.monotonic()
+        workers = self.config.workers
+        busy = 0.0
+        if len(self._running) >= workers:
+            busy = max(0.0, min(self._batch_s - (now - t) for t in self._running))
+        ahead = sum(item.size for item in self._items)
+        return busy + (ahead // self.config.max_batch) * self._batch_s / workers
+
+    def check_admission(self, deadline: float | None) -> None:
+        """Raise Overloaded when a request would find the queue full or could not start before `deadline`
+        (time.monotonic()). Cheap: called before decoding and again when queuing."""
+        if len(self._items) >= self.config.queue_size:
+            self.metrics.rejected.labels(self.model, self.method, "queue_full").inc()
+            raise Overloaded(f"{self.method} queue for model {self.model!r} is full ({self.config.queue_size} "
+                             "waiting); retry later", max(self.expected_start_s(), self._batch_s))
+        if deadline is None:
+            return
+        start = self.expected_start_s()
+        left = deadline - time.monotonic()
+        if start >= left:
+            self.metrics.rejected.labels(self.model, self.method, "would_miss_deadline").inc()
+            raise Overloaded(f"{self.method} for model {self.model!r} could start in ~{start * 1000:.0f} ms, after "
+                             f"the call's deadline ({max(0.0, left) * 1000:.0f} ms left); retry later or allow longer",
+                             start)
 
     async def submit(self, key: Any, payload: P, size: int, deadline: float | None = None) -> R:
         """Queue one request and wait for its result. Cancelling the awaiting task withdraws the request."""
-        if len(self._items) >= self.config.queue_size:
-            self.metrics.rejected.labels(self.model, self.method, "queue_full").inc()
-            raise QueueFull(f"{self.method} queue for model {self.model!r} is full "
-                            f"({self.config.queue_size} waiting); retry later")
+        self.check_admission(deadline)
         future = asyncio.get_running_loop().create_future()
         self._items.append(_Item(key, payload, size, deadline, future))
         self._depth.set(len(self._items))
@@ -141,6 +172,8 @@ class Batcher(Generic[P, R]):
                 groups.setdefault(id(item.key), []).append(item)
             for items in groups.values():
                 self.metrics.batch_size.labels(self.model, self.method).observe(sum(i.size for i in items))
+                started = time.monotonic()
+                self._running.append(started)
                 try:
                     results = await loop.run_in_executor(
                         self._executor, self.fn, items[0].key, [i.payload for i in items])
@@ -151,6 +184,10 @@ class Batcher(Generic[P, R]):
                         if not item.future.done():
                             item.future.set_exception(err)
                     continue
+                finally:
+                    self._running.remove(started)
+                    took = time.monotonic() - started
+                    self._batch_s = took if self._batch_s == 0.0 else self._batch_s + 0.2 * (took - self._batch_s)
                 for item, result in zip(items, results, strict=True):
                     if item.future.done():
                         continue

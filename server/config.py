@@ -12,12 +12,15 @@ from pathlib import Path
 @dataclass(frozen=True)
 class BatchConfig:
     """Dynamic batching of one method (Triton's per-model knobs): a batch closes when it holds `max_batch`
-    images or when its first request has waited `max_delay_s`; at most `queue_size` requests wait."""
+    images or when its first request has waited `max_delay_s`; at most `queue_size` requests wait. At most
+    `max_inflight` calls of the method are admitted at once (decoding, queued or running); more are refused with
+    RESOURCE_EXHAUSTED and a retry hint before their request is even parsed (server/interceptors.py)."""
 
     max_batch: int = 32
     max_delay_s: float = 0.005
     queue_size: int = 256
     workers: int = 1  # batches of this method run concurrently on this many executor threads
+    max_inflight: int = 64
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,8 @@ class ServerConfig:
     probe_threads: int = 1  # torch and ONNX Runtime intra-op threads of each probe worker
     probe_pinning: bool = True  # pin each probe worker to its own CPUs, from the last one down
     predict: BatchConfig = field(default_factory=BatchConfig)
-    explain: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=16, queue_size=128))
-    probe: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=4, queue_size=16))
+    explain: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=16, queue_size=128, max_inflight=8))
+    probe: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch=4, queue_size=16, max_inflight=8))
     limits: Limits = field(default_factory=Limits)
 
     @property

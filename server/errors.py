@@ -3,6 +3,9 @@ the transport; this edge maps them). Anything not in the table is a bug: INTERNA
 the traceback goes to the log, never to the client.
 
 Every mapped error carries a `google.rpc.BadRequest` (field + problem) or `ErrorInfo` detail via grpc_status.
+Overload refusals (Overloaded) also carry a `google.rpc.RetryInfo` and the `grpc-retry-pushback-ms` trailer that
+gRPC's own retry policy obeys (gRFC A6); other RESOURCE_EXHAUSTED refusals (work caps, reply size) carry a
+pushback of -1, which tells a retrying client not to retry what would fail again.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +30,22 @@ class Unauthenticated(Exception):
     """A bearer token is required and was missing or wrong."""
 
 
+class Overloaded(QueueFull):
+    """Admission refused a call for now (too many in flight, or it could not start before its deadline); the
+    client may retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Cancelled(Exception):
+    """The call ended (client cancel, server stopping) while its work ran; raised by long loops that checked."""
+
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: the server's retry hint, read by gRPC's client retry policy
+
+
 # Order matters only where classes overlap; the first match wins.
 STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -35,6 +54,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelLoading, grpc.StatusCode.UNAVAILABLE),
     (BundleError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),  # a method declared in the proto, not built yet
 )
@@ -61,8 +81,29 @@ def to_status(err: BaseException, method: str = "") -> grpc.Status:
     else:
         detail.Pack(error_details_pb2.ErrorInfo(reason=type(err).__name__ if code is not grpc.StatusCode.INTERNAL
                                                 else "INTERNAL", domain="conceptlens.v1"))
-    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
-    return rpc_status.to_status(proto)
+    details = [detail]
+    pushback = None
+    if isinstance(err, Overloaded):
+        retry = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(err.retry_after_s * 1e9))
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+        pushback = str(max(1, round(err.retry_after_s * 1000)))
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        pushback = "-1"  # a work cap: the same request would fail again
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    status = rpc_status.to_status(proto)
+    if pushback is None:
+        return status
+    return _Status(status.code, status.details, (*status.trailing_metadata, (PUSHBACK_KEY, pushback)))
+
+
+class _Status(grpc.Status):
+    """grpc.Status is an interface; grpc_status builds its own private one, so trailers are added with this."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 
 async def abort(context: grpc.aio.ServicerContext, err: BaseException, method: str = "") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class ExplainJob:
     depth: int
     candidates: int
     deadline: float | None = None  # time.monotonic(); checked between images, as hidden-layer traces take long
+    cancel: threading.Event | None = None  # set when the call ended (client cancel, server stopping): tracing stops
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,12 @@ class Metrics:
             "conceptlens_inference_duration_seconds", "Backend time per executed batch",
             ("model", "backend"), buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter(
-            "conceptlens_rejected_requests", "Requests refused by a full queue or dropped past their deadline",
-            ("model", "method", "reason"), registry=r)
+            "conceptlens_rejected_requests", "Requests refused by admission (reason inflight: the method's limit of "
+            "calls in flight; would_miss_deadline: could not start before its deadline; queue_full) or dropped in "
+            "the queue (deadline: it passed while queued; cancelled)", ("model", "method", "reason"), registry=r)
+        self.inflight = Gauge(
+            "conceptlens_requests_in_flight", "Admitted calls of a limited method not finished yet", ("method",),
+            registry=r)
         self.model_loaded = Gauge(
             "conceptlens_model_loaded", "1 while some version of the model is serving", ("model",), registry=r)
         self.model_version = Gauge(

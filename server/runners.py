@@ -14,7 +14,7 @@ from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image, trace_last_layer
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
-from .errors import DeadlineExpired
+from .errors import Cancelled, DeadlineExpired
 from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
 from .probe_worker import ProbeWorkers
@@ -60,7 +60,7 @@ class Runners:
             n = len(job.images)
             try:
                 results.append(self._trace_job(runtime, job, out, means, start))
-            except DeadlineExpired as err:  # this caller's deadline only: the batch's other jobs go on
+            except (DeadlineExpired, Cancelled) as err:  # this caller's only: the batch's other jobs go on
                 results.append(err)
             start += n
         if any(layer != getattr(runtime.head, "layer", None) for job in jobs for layer in job.layers):
@@ -69,21 +69,22 @@ class Runners:
 
     def _trace_job(self, runtime: ModelRuntime, job: ExplainJob, out, means, start: int) -> ExplainOutput:
         n = len(job.images)
+        done = [0]  # images traced so far, for the messages of `check`
+        check = _stop_check(job, n, done)
         options = TraceOptions(layers=job.layers, top_k_units=job.top_k_units, target=job.target,
                                include_maps=job.include_maps, map_size=job.map_size, depth=job.depth,
-                               candidates=job.candidates)
+                               candidates=job.candidates, check=check)
         head = runtime.head
         if head is not None and job.layers == (head.layer,) and job.depth == 1:  # exact and cheap: all at once
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                raise DeadlineExpired(f"deadline passed while tracing image 0 of {n}")
+            check()
             end = start + n
             traces = trace_last_layer(runtime, out.logits[start:end], out.activations[head.layer][start:end],
                                       means[head.layer][start:end], options, plausibility_threshold=self.threshold)
             return ExplainOutput(out.logits[start:end], traces)
         traces = []
         for i in range(start, start + n):
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                raise DeadlineExpired(f"deadline passed while tracing image {i - start} of {n}")
+            done[0] = i - start
+            check()
             traces.append(trace_image(
                 runtime, job.images[i - start], out.logits[i],
                 {layer: out.activations[layer][i] for layer in job.layers}, options,
@@ -117,3 +118,16 @@ class Runners:
                         self.metrics.flip_epsilon.labels(runtime.name).observe(item.min_flip_epsilon)
             results.append(messages)
         return results
+
+
+def _stop_check(job: ExplainJob, n: int, done: list[int]):
+    """Called between images and between the exact passes inside one image's trace: raises Cancelled once the call
+    ended (its client went away, or the server is stopping) and DeadlineExpired once its deadline passed."""
+
+    def check() -> None:
+        if job.cancel is not None and job.cancel.is_set():
+            raise Cancelled(f"the call ended while tracing image {done[0]} of {n}; stopped")
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            raise DeadlineExpired(f"deadline passed while tracing image {done[0]} of {n}")
+
+    return check

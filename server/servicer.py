@@ -4,6 +4,7 @@ torch; the batchers run the work (server/runners.py) and server/errors.py turns 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
-from . import encoding, errors, probe_validation, validation
+from . import encoding, errors, probe_validation, reply_size, validation
 from .batching import Batcher
 from .config import BatchConfig, ServerConfig
 from .decoding import ImageSpec, decode_images, decode_inline
@@ -39,8 +40,11 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         self.runners = runners
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self._cancels: set[threading.Event] = set()  # one per Explain whose work may still run
 
     async def close(self) -> None:
+        for cancel in list(self._cancels):  # stop the traces still running on executor threads
+            cancel.set()
         for batcher in self._batchers.values():
             await batcher.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -70,14 +74,17 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         try:
             runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
             k = validation.top_k(request.top_k, len(runtime.classes), "top_k")
+            batcher, deadline = self.batcher(runtime.name, "predict"), _deadline(context)
+            batcher.check_admission(deadline)  # refused before the decoding work
             images = await self._images(request.images, runtime, self.limits.max_images)
-            logits = await self.batcher(runtime.name, "predict").submit(
-                runtime, images, len(images), _deadline(context))
+            logits = await batcher.submit(runtime, images, len(images), deadline)
             return encoding.predict_response(runtime.name, runtime.version, logits, runtime.classes, k)
         except Exception as err:
             await errors.abort(context, err, "Predict")
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        cancel = threading.Event()  # set when this call ends, whatever ends it: its trace stops at the next check
+        self._cancels.add(cancel)
         try:
             runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
             classes = runtime.classes
@@ -87,24 +94,33 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             top_k_units = validation.top_k(request.top_k_units, units, "top_k_units")
             depth = validation.depth(request.depth, len(layers))
             validation.link_work(top_k_units, depth, self.limits.max_links)
+            validation.image_count(len(request.images), self.limits.max_images)
+            map_size = validation.map_size(request.map_size, runtime.input_size)
+            reply_size.check_explain(runtime, len(request.images), layers, top_k_units, depth, request.include_maps,
+                                     map_size, k, self.limits.max_message_bytes)
+            batcher, deadline = self.batcher(runtime.name, "explain"), _deadline(context)
+            batcher.check_admission(deadline)
             images = await self._images(request.images, runtime, self.limits.max_images)
-            deadline = _deadline(context)
             job = ExplainJob(
                 images=images,
                 layers=tuple(layers),
                 top_k_units=top_k_units,
                 target=validation.target_class(request.target_class, classes),
                 include_maps=request.include_maps,
-                map_size=validation.map_size(request.map_size, runtime.input_size),
+                map_size=map_size,
                 depth=depth,
                 candidates=validation.candidates(request.candidates, self.limits.max_candidates),
                 deadline=deadline,
+                cancel=cancel,
             )
-            out = await self.batcher(runtime.name, "explain").submit(runtime, job, len(images), deadline)
+            out = await batcher.submit(runtime, job, len(images), deadline)
             self._count_explained(runtime.name, out.traces)
             return encoding.explain_response(runtime.name, runtime.version, out.logits, out.traces, classes, k)
         except Exception as err:
             await errors.abort(context, err, "Explain")
+        finally:
+            cancel.set()
+            self._cancels.discard(cancel)
 
     def _count_explained(self, model: str, traces) -> None:
         """Adversarial flags and concept hits of one response, one counter update per distinct label."""
@@ -129,14 +145,17 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
                 raise InvalidInput("attack", "required: the attack to run")
             attack = probe_validation.attack(request.attack, runtime.classes, runtime.input_size, self.limits,
                                              len(request.images), self.repo.resolve)
+            reply_size.check_probe(runtime, len(request.images), request.return_adversarial, top_k_units, len(layers),
+                                   self.limits.max_message_bytes)
+            batcher, deadline = self.batcher(runtime.name, "probe"), _deadline(context)
+            batcher.check_admission(deadline)
             images = await self._images(request.images, runtime, self.limits.max_probe_images)
-            deadline = _deadline(context)
             job = ProbeJob(images=images, attack=attack, layers=tuple(layers), top_k_units=top_k_units,
                            candidates=min(validation.DEFAULT_CANDIDATES, self.limits.max_candidates),
                            deadline=deadline, top_k=min(validation.DEFAULT_TOP_K, len(runtime.classes)),
                            return_adversarial=request.return_adversarial)
             # results come encoded by the probe worker: no per-image encoding on the event loop
-            results = await self.batcher(runtime.name, "probe").submit(runtime, job, len(images), deadline)
+            results = await batcher.submit(runtime, job, len(images), deadline)
             return pb.ProbeResponse(model=runtime.name, version=runtime.version, results=results)
         except Exception as err:
             if not isinstance(err, errors.DeadlineExpired):  # the runner counts the ones it stopped
