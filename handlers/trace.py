@@ -45,9 +45,9 @@ class TraceOptions:
     depth: int = 1  # 1 = no links
     candidates: int = 32
     chunk: int = 64  # ablated copies per suffix re-run
-
-
     check: Callable[[], None] | None = None  # called between exact passes; raises to stop (call ended, deadline)
+
+
 @dataclass
 class UnitTrace:
     layer: str
@@ -234,6 +234,8 @@ def hidden_deltas(
     `target(logits, captured) -> (B,)` reads the quantity to explain from a forward pass; `watch` lists the
     layers it needs captured (for contributor links: the upper layer).
     """
+    if options.check is not None:
+        options.check()
     model = runtime.torch_model
     base = torch.as_tensor(runtime.baselines[layer], device=x.device)
     with runtime.torch_lock, eval_mode(model), ExitStack() as guards:
@@ -261,8 +263,6 @@ def hidden_deltas(
 def _ablate(model, x, layer, a, base, units, target, watch, chunk) -> torch.Tensor:
     """target(x | A_k := b_k) for each k in `units`, re-running the suffix on one ablated copy per unit."""
     out = []
-    if options.check is not None:
-        options.check()
     for start in range(0, units.numel(), chunk):
         ks = units[start : start + chunk]
         n = ks.numel()
