@@ -28,6 +28,7 @@ from conceptlens.handlers.errors import InvalidInput, QueueFull
 
 from .errors import Overloaded, Unauthenticated, to_status
 from .metrics import Metrics
+from .validation import short_model_name
 
 SERVICE_PREFIX = "/conceptlens.v1.ConceptLens/"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -94,7 +95,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if code is None:  # no abort: UNKNOWN after an exception, else OK unless the deadline beat the reply
                     code = outcome or (grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.OK)
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                model = record.model
+                model = short_model_name(record.model)
                 model = model if model in self.known_models() else ("" if not model else "unknown")
                 self.metrics.requests.labels(method, model, name).inc()
                 self.metrics.latency.labels(method, model).observe(time.perf_counter() - start)

@@ -64,9 +64,9 @@ def _count(value: int, field: str, default: int, cap: int, cap_name: str) -> int
 
 
 def attack(spec: pb.AttackSpec, classes: Sequence[str], input_size: int, limits: Limits, images: int,
-           member: Callable[[str], Any]) -> ProbeAttack:
-    """Validate `spec` for a probe of `images` images on a model with `classes`. `member(name)` resolves an
-    ensemble model by name (raising UnknownName, NOT_FOUND, for names not served)."""
+           member: Callable[[str, int], Any]) -> ProbeAttack:
+    """Validate `spec` for a probe of `images` images on a model with `classes`. `member(name, version)` resolves
+    an ensemble model (raising UnknownName, NOT_FOUND, for names not served)."""
     if spec.kind not in KINDS:
         raise InvalidInput("attack.kind", f"required; one of {', '.join(KINDS.values())}")
     kind = KINDS[spec.kind]
@@ -126,7 +126,7 @@ def attack(spec: pb.AttackSpec, classes: Sequence[str], input_size: int, limits:
 
 
 def _members(names: list[str], kind: str, classes: Sequence[str], input_size: int, limits: Limits,
-             member: Callable[[str], Any]) -> tuple[Any, ...]:
+             member: Callable[[str, int], Any]) -> tuple[Any, ...]:
     if not names:
         return ()
     if kind != "ghost-ensemble":
@@ -138,7 +138,7 @@ def _members(names: list[str], kind: str, classes: Sequence[str], input_size: in
         raise InvalidInput("attack.ensemble_models", "a model is listed twice")
     runtimes = []
     for name in names:
-        rt = member(validation.model_name(name))
+        rt = member(*validation.model_ref(name, 0, "attack.ensemble_models"))  # any name form a request takes
         if list(rt.classes) != list(classes) or rt.input_size != input_size:
             raise InvalidInput("attack.ensemble_models", f"{name!r} does not share the probed model's classes and "
                                "input size")

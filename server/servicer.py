@@ -72,7 +72,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         try:
-            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            runtime = self.repo.resolve(*validation.model_ref(request.model, request.version))
             k = validation.top_k(request.top_k, len(runtime.classes), "top_k")
             batcher, deadline = self.batcher(runtime.name, "predict"), _deadline(context)
             batcher.check_admission(deadline)  # refused before the decoding work
@@ -86,7 +86,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         cancel = threading.Event()  # set when this call ends, whatever ends it: its trace stops at the next check
         self._cancels.add(cancel)
         try:
-            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            runtime = self.repo.resolve(*validation.model_ref(request.model, request.version))
             classes = runtime.classes
             k = validation.top_k(request.top_k_classes, len(classes), "top_k_classes")
             layers = validation.layers(list(request.layers), runtime.layer_order)
@@ -135,7 +135,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         """Attack the images on the probe queue (its own executor: Predict is never starved), then encode."""
         model, kind = request.model or "unknown", probe_validation.kind_name(request.attack)
         try:
-            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            runtime = self.repo.resolve(*validation.model_ref(request.model, request.version))
             model = runtime.name
             validation.image_count(len(request.images), self.limits.max_probe_images)
             layers = validation.layers(list(request.layers), runtime.layer_order)
@@ -176,7 +176,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         try:
-            runtime = self.repo.resolve(validation.model_name(request.model), validation.version(request.version))
+            runtime = self.repo.resolve(*validation.get_model_ref(request.name, request.model, request.version))
             return encoding.model(runtime, self.repo.versions(runtime.name))
         except Exception as err:
             await errors.abort(context, err, "GetModel")

@@ -13,15 +13,18 @@ from conceptlens.handlers.errors import InvalidInput, QueueFull, UnknownName
 
 DEFAULT_TOP_K = 5
 DEFAULT_CANDIDATES = 32
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_VERSION_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits (re's \d would match "²" too), within int64
+_RESOURCE_NAME = re.compile(r"models/(?P<name>[^/]*)(?:/versions/(?P<version>[^/]*))?")
+_PAGE_TOKEN = re.compile(r"[0-9]{1,9}")
 
 
-def model_name(name: str) -> str:
+def model_name(name: str, field: str = "model") -> str:
     """A model name as it appears in the repository (a directory name)."""
     if not name:
-        raise InvalidInput("model", "required; call ListModels for the served names")
-    if not _MODEL_NAME.match(name):
-        raise InvalidInput("model", f"{name[:64]!r} is not a valid model name (letters, digits, _ . -)")
+        raise InvalidInput(field, "required; call ListModels for the served names")
+    if not _MODEL_NAME.fullmatch(name):
+        raise InvalidInput(field, f"{name[:64]!r} is not a valid model name (letters, digits, _ . -)")
     return name
 
 
@@ -30,6 +33,58 @@ def version(value: int) -> int:
     if value < 0:
         raise InvalidInput("version", f"must be >= 0 (0 = latest), got {value}")
     return value
+
+
+def version_text(text: str, field: str) -> int:
+    """A version written as text (a resource name's `versions/V`): ASCII digits only, so "²" (which
+    `str.isdigit` accepts and `int` refuses) is a bad field, not an internal error."""
+    if not _VERSION_TEXT.fullmatch(text) or int(text) < 1:
+        raise InvalidInput(field, f"version {text[:32]!r} is not a positive decimal number")
+    return int(text)
+
+
+def model_ref(name: str, version_value: int, field: str = "model") -> tuple[str, int]:
+    """(model, version) named by a request: `name` is the short name ("shapes") or a resource name that
+    ListModels/GetModel return, "models/shapes" or "models/shapes/versions/1"; `version_value` is the request's
+    version field (0 = latest). A version in both that disagrees is INVALID_ARGUMENT naming both fields."""
+    version(version_value)
+    if not name.startswith("models/"):
+        return model_name(name, field), version_value
+    match = _RESOURCE_NAME.fullmatch(name)
+    if match is None:
+        raise InvalidInput(field, f"{name[:64]!r} is not a model resource name (models/NAME or "
+                           "models/NAME/versions/V)")
+    short = model_name(match["name"], field)
+    if match["version"] is None:
+        return short, version_value
+    named = version_text(match["version"], field)
+    if version_value and version_value != named:
+        raise InvalidInput(f"{field}, version", f"{field} {name[:64]!r} names version {named} but version is "
+                           f"{version_value}; give the version once")
+    return short, named
+
+
+def short_model_name(name: str) -> str:
+    """The short name inside any form `model_ref` accepts ("models/x/versions/1" -> "x"), for metric labels;
+    other text comes back unchanged."""
+    match = _RESOURCE_NAME.fullmatch(name)
+    return match["name"] if match else name
+
+
+def get_model_ref(name: str, model: str, version_value: int) -> tuple[str, int]:
+    """GetModel's target: the resource name `name` (AIP-131) or the older `model` field, both in any form
+    `model_ref` accepts; given both, they must name the same model and version."""
+    if not name:
+        return model_ref(model, version_value, "model")
+    by_name = model_ref(name, version_value, "name")
+    if not model:
+        return by_name
+    by_model = model_ref(model, version_value, "model")
+    versions = {v for v in (by_name[1], by_model[1]) if v}
+    if by_name[0] != by_model[0] or len(versions) > 1:
+        raise InvalidInput("name, model", f"name {name[:64]!r} and model {model[:64]!r} name different models; "
+                           "give one")
+    return by_name[0], max(versions, default=0)
 
 
 def image_count(n: int, cap: int, field: str = "images") -> int:
@@ -107,7 +162,7 @@ def page(page_size: int, page_token: str) -> tuple[int, int]:
         raise InvalidInput("page_size", f"must be >= 0, got {page_size}")
     if not page_token:
         return 0, page_size
-    if not page_token.isdigit() or len(page_token) > 9:
+    if not _PAGE_TOKEN.fullmatch(page_token):  # ASCII digits: "²".isdigit() is True but int("²") fails
         raise InvalidInput("page_token", "malformed; pass back a next_page_token unchanged")
     return int(page_token), page_size
 

@@ -93,8 +93,10 @@ class Client:
         """Every served model (latest version of each)."""
         return list(self._call("ListModels", pb.ListModelsRequest(), None).models)
 
-    def get_model(self, model: str, version: int = 0) -> pb.Model:
-        return self._call("GetModel", pb.GetModelRequest(model=model, version=version), None)
+    def get_model(self, model: str = "", version: int = 0, *, name: str = "") -> pb.Model:
+        """One model version, named by `model` (+ `version`) or by its resource `name` (`Model.name`). Wherever a
+        call takes a model, the short name and the resource names `models/NAME[/versions/V]` mean the same."""
+        return self._call("GetModel", pb.GetModelRequest(model=model, version=version, name=name), None)
 
     def predict(self, images: Iterable[ImageLike], model: str, *, version: int = 0, top_k: int = 0,
                 timeout: float | None = None) -> pb.PredictResponse:
