@@ -9,9 +9,9 @@ Archive the bundle's three files with this module as the handler (deploy/README.
 TorchServe unpacks the archive into `model_dir`; `initialize` loads it with `load_bundle` (hashes, schema and the
 ONNX-vs-torch check, exactly as the gRPC server does) and builds the same `ModelRuntime`. Each request body is
 one PNG or JPEG image; the answer is JSON: {"model", "version", "prediction": {"classes": [...]},
-"trace": {"target", "layers", "plausibility", "adversarial", "summary"}}: the field names of the proto's
-Explanation; TorchServe's /explanations endpoint answers the same. A request that is not a decodable image gets
-HTTP 400 with the reason; the others in its batch are answered normally.
+"trace": {"target", "layers", "plausibility", "adversarial", "adversarial_score", "summary"}}: the field names
+of the proto's Explanation; TorchServe's /explanations endpoint answers the same. A request that is not a
+decodable image gets HTTP 400 with the reason; the others in its batch are answered normally.
 
 TorchServe is not a dependency of ConceptLens: the base class is imported when available, so this module (and
 its pure helpers) import without it.
@@ -19,7 +19,6 @@ its pure helpers) import without it.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from conceptlens.handlers import imaging
 from conceptlens.handlers.errors import InvalidInput
 
 try:  # present inside TorchServe's model workers
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 TOP_K_CLASSES = 5
 TOP_K_UNITS = 5
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 4096 * 4096  # per image (one image per request here), as the gRPC server's default limit
 
 
 class ConceptLensHandler(BaseHandler):
@@ -120,27 +120,11 @@ class ConceptLensHandler(BaseHandler):
 
 
 def decode_image(body: Any, size: int, channels: int, *, field: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (channels, size, size) float32 in [0, 1]; bilinear resize as the gRPC server does."""
-    from PIL import Image
-
-    if isinstance(body, bytearray):
-        body = bytes(body)
-    if not isinstance(body, bytes) or not body:
+    """PNG/JPEG bytes -> (channels, size, size) float32 in [0, 1], with the gRPC server's decoder and checks
+    (header size before decoding, 16-bit scaling, bilinear resize): `conceptlens.handlers.imaging`."""
+    if not isinstance(body, bytes | bytearray):
         raise InvalidInput(field, "the request body must be PNG or JPEG image bytes")
-    try:
-        img = Image.open(io.BytesIO(body), formats=("PNG", "JPEG"))  # reads the header only
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InvalidInput(field, "not a decodable PNG or JPEG image") from None
-    if img.size[0] * img.size[1] > MAX_PIXELS:  # checked before any pixel is decoded
-        raise InvalidInput(field, f"image of {img.size[0]}x{img.size[1]} pixels is over the {MAX_PIXELS} limit")
-    try:
-        img = img.convert("RGB" if channels == 3 else "L")
-    except (OSError, SyntaxError, ValueError):
-        raise InvalidInput(field, "truncated or corrupt image data") from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.float32) / 255.0
-    return pixels.reshape(size, size, channels).transpose(2, 0, 1).copy()
+    return imaging.decode_image(body, size, channels, max_pixels=MAX_PIXELS, field=field)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -175,6 +159,7 @@ def explanation(runtime: Any, logits: np.ndarray, trace: Any) -> dict:
                         "units": [_unit(u) for u in lt.units]} for lt in trace.layers],
             "plausibility": trace.plausibility,
             "adversarial": trace.adversarial,
+            "adversarial_score": trace.adversarial_score,
             "summary": trace.summary,
         },
     }

@@ -30,6 +30,7 @@ class Limits:
     max_images: int = 64  # per Predict/Explain request
     max_probe_images: int = 8  # per Probe request
     max_pixels: int = 4096 * 4096  # decoded image area; headers claiming more are refused before decoding
+    max_request_pixels: int = 4 * 4096 * 4096  # decoded pixels of one request's images together (from headers)
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC receive limit; larger messages get RESOURCE_EXHAUSTED
     max_candidates: int = 128  # hidden-layer exact re-runs per layer
     max_links: int = 256  # multi-layer traces: units given contributors per image (top_k_units^1 + ... ^(depth-1))
@@ -50,6 +51,7 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     metrics_port: int | None = None  # None: no HTTP exposition
+    reuse_port: bool = False  # share `port` with other servers that set it too (SO_REUSEPORT); off: a clash fails
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mTLS, clients must present a certificate signed by this CA

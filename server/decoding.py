@@ -1,25 +1,23 @@
 """Turn request images (encoded PNG/JPEG bytes or raw little-endian tensors) into one float32 batch in [0, 1].
 
 No torch here: numpy and Pillow only. Every refusal is an `InvalidInput` naming the field, e.g.
-`images[2].encoded: header claims 20000x20000 pixels, over the 16777216-pixel limit`.
+`images[2].encoded: header claims 20000x20000 pixels, over the 16777216-pixel limit`. The pixel work itself is
+`conceptlens.handlers.imaging`, the one decoder shared with the Open Inference Protocol and TorchServe.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
 
+from conceptlens.handlers import imaging
 from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
 _DTYPES = {pb.Tensor.UINT8: np.dtype("<u1"), pb.Tensor.FLOAT32: np.dtype("<f4")}
-_FORMATS = ("PNG", "JPEG")
 
 
 @dataclass(frozen=True)
@@ -30,26 +28,54 @@ class ImageSpec:
     channels: int = 3
 
 
-def decode_images(images: Sequence[pb.Image], spec: ImageSpec, *, max_pixels: int) -> np.ndarray:
-    """All request images as one (N, C, size, size) float32 array in [0, 1]. Raw tensors of one dtype are
-    checked and converted together, as one array: per-image numpy calls on 3×32×32 pixels cost more in call
-    overhead than in work, and this runs on the event loop (a batch-8 probe's images took 0.26 ms one by one)."""
+@dataclass
+class Plan:
+    """A request's images with every header and raw tensor checked: `out` holds the raw tensors already, and
+    `pending` the (index, opened image) pairs whose pixels are still to decode into it."""
+
+    out: np.ndarray
+    pending: list[tuple[int, PILImage.Image]]
+
+    def decode(self, index: int, img: PILImage.Image, spec: ImageSpec) -> None:
+        """Decode one pending image into its row of `out` (the slow part: one call per image)."""
+        self.out[index] = imaging.image_pixels(img, spec.size, spec.channels, field=f"images[{index}].encoded")
+
+
+def plan_images(images: Sequence[pb.Image], spec: ImageSpec, *, max_pixels: int,
+                max_request_pixels: int | None = None) -> Plan:
+    """Check everything that can be checked without decoding a pixel: each encoded image's header against
+    `max_pixels`, their sum against `max_request_pixels` (the request's decode budget), and every raw tensor
+    (checked and converted together per dtype, as one array: per-image numpy calls on 3×32×32 pixels cost more
+    in call overhead than in work, and this can run on the event loop)."""
     out = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.float32)
     raw: dict[np.dtype, list[int]] = {}  # dtype -> indices of the tensor images holding it
+    pending: list[tuple[int, PILImage.Image]] = []
     for i, image in enumerate(images):
         source = image.WhichOneof("source")
         if source == "encoded":
-            out[i] = decode_encoded(image.encoded, spec, max_pixels=max_pixels, field=f"images[{i}].encoded")
+            pending.append((i, imaging.open_image(image.encoded, max_pixels=max_pixels, field=f"images[{i}].encoded")))
         elif source == "tensor":
             raw.setdefault(_tensor_dtype(image.tensor, spec, field=f"images[{i}].tensor"), []).append(i)
         else:
             raise InvalidInput(f"images[{i}]", "no image given: set `encoded` or `tensor`")
+    if max_request_pixels is not None and pending:
+        imaging.check_request_pixels([img.size[0] * img.size[1] for _, img in pending], max_request_pixels)
     for dtype, index in raw.items():
         block = _decode_raw([images[i].tensor.data for i in index], dtype, spec, [f"images[{i}].tensor" for i in index])
         if len(index) == len(images):
-            return block.astype(np.float32, copy=not block.flags.writeable)
+            return Plan(block.astype(np.float32, copy=not block.flags.writeable), [])
         out[index] = block
-    return out
+    return Plan(out, pending)
+
+
+def decode_images(images: Sequence[pb.Image], spec: ImageSpec, *, max_pixels: int,
+                  max_request_pixels: int | None = None) -> np.ndarray:
+    """All request images as one (N, C, size, size) float32 array in [0, 1], decoded here and now (the server
+    decodes PNG/JPEG on its `DecodePool` instead, which budgets and interleaves calls)."""
+    plan = plan_images(images, spec, max_pixels=max_pixels, max_request_pixels=max_request_pixels)
+    for index, img in plan.pending:
+        plan.decode(index, img, spec)
+    return plan.out
 
 
 INLINE_BYTES = 1 << 20  # raw tensor bytes per request decoded on the event loop (about 0.1 ms of work)
@@ -71,30 +97,7 @@ def decode_inline(images: Sequence[pb.Image]) -> bool:
 
 def decode_encoded(data: bytes, spec: ImageSpec, *, max_pixels: int, field: str) -> np.ndarray:
     """PNG/JPEG bytes -> (C, size, size) float32. The header's size is checked before any pixel is decoded."""
-    if not data:
-        raise InvalidInput(field, "empty image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            img = PILImage.open(io.BytesIO(data), formats=_FORMATS)  # reads the header only
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
-        raise InvalidInput(field, f"image too large to decode ({err})") from None
-    except (PILImage.UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InvalidInput(field, "not a decodable PNG or JPEG image") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise InvalidInput(field, f"header claims {width}x{height} pixels, over the {max_pixels}-pixel limit")
-    if width < 1 or height < 1:
-        raise InvalidInput(field, f"image has no pixels ({width}x{height})")
-    try:
-        img.load()
-        rgb = img.convert("RGB") if spec.channels == 3 else img.convert("L")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InvalidInput(field, f"truncated or corrupt image data ({err})") from None
-    if rgb.size != (spec.size, spec.size):
-        rgb = rgb.resize((spec.size, spec.size), PILImage.Resampling.BILINEAR)
-    pixels = np.asarray(rgb, dtype=np.float32) / 255.0
-    return pixels.reshape(spec.size, spec.size, spec.channels).transpose(2, 0, 1)
+    return imaging.decode_image(data, spec.size, spec.channels, max_pixels=max_pixels, field=field)
 
 
 def decode_tensor(tensor: pb.Tensor, spec: ImageSpec, *, field: str) -> np.ndarray:
@@ -124,16 +127,4 @@ def _decode_raw(data: Sequence[bytes], dtype: np.dtype, spec: ImageSpec, fields:
     comes back as a read-only view of the bytes (the caller copies it into its batch)."""
     joined = data[0] if len(data) == 1 else b"".join(data)
     values = np.frombuffer(joined, dtype=dtype).reshape(len(data), spec.channels, spec.size, spec.size)
-    if dtype.kind == "u":
-        return values.astype(np.float32) / 255.0
-    # min and max per image: NaN propagates through both and ±inf lands in one of them, so this is the
-    # finiteness check too (np.isfinite(values).all() would be a third pass and a temporary)
-    flat = values.reshape(len(data), -1)
-    lo, hi = flat.min(1), flat.max(1)
-    bad = ~(np.isfinite(lo) & np.isfinite(hi) & (lo >= 0.0) & (hi <= 1.0))
-    if bad.any():
-        j = int(bad.argmax())
-        if not (math.isfinite(lo[j]) and math.isfinite(hi[j])):
-            raise InvalidInput(f"{fields[j]}.data", "contains NaN or inf")
-        raise InvalidInput(f"{fields[j]}.data", f"FLOAT32 pixels must lie in [0, 1], got [{lo[j]:.3g}, {hi[j]:.3g}]")
-    return values.astype(np.float32, copy=False)
+    return imaging.unit_pixels(values, [f"{field}.data" for field in fields])

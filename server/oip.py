@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from conceptlens import __version__
+from conceptlens.handlers import imaging
 from conceptlens.handlers.errors import InvalidInput, UnknownName
 from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2 as pb
 from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -165,15 +166,10 @@ def decode_input(request: pb.ModelInferRequest, image_shape: tuple[int, int, int
         values = np.asarray(typed, dtype=np.float32 if dtype.kind == "f" else np.int64)
         if dtype.kind == "u" and (values.min() < 0 or values.max() > 255):
             raise InvalidInput("inputs[0].contents.uint_contents", "UINT8 values must lie in 0..255")
-    images = values.reshape(shape)
-    if dtype.kind != "f":
-        return images.astype(np.float32) / 255.0
-    if not np.isfinite(images).all():
-        raise InvalidInput("inputs[0]", "contains NaN or inf")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < 0.0 or hi > 1.0:
-        raise InvalidInput("inputs[0]", f"FP32 pixels must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-    return images.astype(np.float32)
+    # the one raw-pixel conversion of the server (conceptlens.handlers.imaging): typed UINT8 contents were
+    # range-checked above, so the cast is exact
+    pixels = imaging.unit_pixels(values.reshape(shape).astype(dtype, copy=False), ["inputs[0]"] * shape[0])
+    return pixels if pixels.flags.writeable else pixels.copy()
 
 
 def _name(value: str, field: str) -> str:

@@ -3,11 +3,9 @@ torch; the batchers run the work (server/runners.py) and server/errors.py turns 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,6 +17,7 @@ from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 from . import encoding, errors, probe_validation, reply_size, validation
 from .batching import Batcher
 from .config import BatchConfig, ServerConfig
+from .decode_pool import DecodePool
 from .decoding import ImageSpec, decode_images, decode_inline
 from .jobs import ExplainJob, ProbeJob
 from .metrics import Metrics
@@ -39,7 +38,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         self.metrics = metrics
         self.runners = runners
         self._batchers: dict[tuple[str, str], Batcher] = {}
-        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self._decoder = DecodePool(threads=2, per_call=1)  # calls take turns per image: no heavy one starves others
         self._cancels: set[threading.Event] = set()  # one per Explain whose work may still run
 
     async def close(self) -> None:
@@ -47,7 +46,7 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
             cancel.set()
         for batcher in self._batchers.values():
             await batcher.close()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder.close()
 
     def batcher(self, model: str, method: str) -> Batcher:
         """The batching queue of (model, method), made on first use; the Open Inference Protocol shares Predict's."""
@@ -64,9 +63,9 @@ class ConceptLensServicer(pb_grpc.ConceptLensServicer):
         spec = ImageSpec(runtime.input_size, runtime.channels)
         if decode_inline(images):
             return decode_images(images, spec, max_pixels=self.limits.max_pixels)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._decoder, lambda: decode_images(images, spec, max_pixels=self.limits.max_pixels))
+        # a deadline or cancel cancels this task, which drops the call's remaining decode work
+        return await self._decoder.decode(images, spec, max_pixels=self.limits.max_pixels,
+                                          max_request_pixels=self.limits.max_request_pixels, deadline=None)
 
     # --- methods -------------------------------------------------------------------------------------------
 

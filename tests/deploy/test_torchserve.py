@@ -191,3 +191,32 @@ def test_decode_image_resizes_and_refuses():
         decode_image(b"GIF89a....", SIZE, 3, field="request[1]")
     with pytest.raises(InvalidInput, match="must be PNG or JPEG image bytes"):
         decode_image({"json": 1}, SIZE, 3, field="request[2]")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height (a decompression bomb's header, without the bomb)."""
+    import struct
+    import zlib
+
+    data = bytearray(png(np.zeros((1, 1, 3), np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_handler_decodes_with_the_servers_decoder_and_bomb_checks():
+    """The TorchServe handler refuses oversized headers before decoding (it once decoded them), scales 16-bit
+    PNGs, and gives the very pixels the gRPC server decodes from the same bytes."""
+    from conceptlens.handlers.errors import InvalidInput
+    from conceptlens.handlers.torchserve_handler import MAX_PIXELS, decode_image
+    from conceptlens.server.decoding import ImageSpec, decode_encoded
+
+    with pytest.raises(InvalidInput, match=rf"request\[0\]: header claims 4097x4096 pixels, over the {MAX_PIXELS}"):
+        decode_image(_png_claiming(4097, 4096), SIZE, 3, field="request[0]")
+    with pytest.raises(InvalidInput, match=r"request\[0\]: image too large"):
+        decode_image(_png_claiming(30000, 30000), SIZE, 3, field="request[0]")
+    grey16 = png(np.full((8, 8), 32768, np.uint16))
+    np.testing.assert_allclose(decode_image(grey16, SIZE, 3, field="r"), 32768 / 65535, atol=1e-6)
+    pixels = png(np.random.default_rng(3).integers(0, 256, (3 * SIZE, 2 * SIZE, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(decode_image(pixels, SIZE, 3, field="r"),
+                                  decode_encoded(pixels, ImageSpec(SIZE, 3), max_pixels=MAX_PIXELS, field="r"))
