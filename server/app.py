@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conceptlens.handlers.errors import InvalidInput
 from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
@@ -33,6 +35,7 @@ from .interceptors import AdmissionInterceptor, MetricsInterceptor, TokenAuthInt
 from .metrics import Metrics
 from .oip import SERVICE_NAME as OIP_SERVICE_NAME
 from .oip import OipServicer
+from .ports import check_free, in_use
 from .probe_worker import ProbeWorkers
 from .repository import ModelRepository
 from .runners import Runners
@@ -75,9 +78,6 @@ class ConceptLensServer:
 
     async def start(self) -> int:
         cfg = self.config
-        await self.repository.refresh()
-        # Probe workers import torch and load the served models in the background; start() does not wait.
-        await asyncio.to_thread(self.probe_workers.start, [self.repository.resolve(n) for n in self.repository.names()])
         interceptors: list[grpc.aio.ServerInterceptor] = [
             MetricsInterceptor(self.metrics, self.repository.names, lambda: self._stopping)]
         if cfg.token:
@@ -88,7 +88,8 @@ class ConceptLensServer:
         interceptors.append(AdmissionInterceptor(self.metrics, inflight, limit))
         server = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=sum(inflight.values()) + CHEAP_CALLS,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", int(cfg.reuse_port))])  # gRPC's default 1 would share a used port
         pb_grpc.add_ConceptLensServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Open Inference Protocol (KServe v2) beside conceptlens.v1, on the same repository and Predict batcher.
@@ -97,19 +98,31 @@ class ConceptLensServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
+        # Both ports are bound before any model loads, so a clash fails fast with one line (server/ports.py).
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls:
-            self.port = server.add_secure_port(address, _credentials(cfg))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            self.port = (server.add_secure_port(address, _credentials(cfg)) if cfg.tls
+                         else server.add_insecure_port(address))
+        except RuntimeError:  # gRPC's "Failed to bind": say why when the port is taken
+            check_free(cfg.host, cfg.port, "--port")
+            raise InvalidInput("--port", f"cannot listen on {address}") from None
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        if cfg.metrics_port is not None:
+            try:
+                self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_bind)  # follows --host
+            except OSError as err:
+                await server.stop(None)
+                if err.errno == errno.EADDRINUSE:
+                    raise in_use(cfg.metrics_port, "--metrics-port", cfg.metrics_bind) from None
+                raise
+            self.metrics_port = self._http.server_port
+        await self.repository.refresh()
+        # Probe workers import torch and load the served models in the background; start() does not wait.
+        await asyncio.to_thread(self.probe_workers.start, [self.repository.resolve(n) for n in self.repository.names()])
         await server.start()
         self._server = server
         await self._sync_health()
-        if cfg.metrics_port is not None:
-            self._http = self.metrics.serve_http(cfg.metrics_port)
-            self.metrics_port = self._http.server_port
         if cfg.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(cfg.poll_interval_s), name="repository-poll")
         log.info("serving %s on %s (port %d, %s), models: %s; metrics port %s", SERVICE_NAME, cfg.host, self.port,

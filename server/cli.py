@@ -10,6 +10,7 @@ from pathlib import Path
 from conceptlens.handlers.errors import InvalidInput
 
 from .config import BatchConfig, ServerConfig
+from .ports import check_free
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="Predict: images per dynamic batch")
     parser.add_argument("--max-delay-ms", type=float, default=5.0, help="Predict: longest wait to fill a batch")
     parser.add_argument("--no-verify-onnx", action="store_true", help="skip the ONNX-vs-torch check at load")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share --port with other servers started with --reuse-port (SO_REUSEPORT: the kernel "
+                        "splits connections between them); default: a used port is an error")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="Probe: worker processes running attacks beside the server (default 1; 0 = on a "
                         "server thread, sharing Predict's GIL)")
@@ -64,6 +68,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         raise InvalidInput("arguments", "--probe-workers must be >= 0, --probe-threads >= 1")
     config = ServerConfig(
         models=args.models.resolve(), host=args.host, port=args.port, metrics_port=args.metrics_port,
+        reuse_port=args.reuse_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         threads=args.threads, poll_interval_s=args.poll, grace_s=args.grace, verify_onnx=not args.no_verify_onnx,
         probe_processes=args.probe_workers, probe_threads=args.probe_threads,
@@ -75,6 +80,11 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    # A used port is one line and exit 2 before any model loads (the server's own bind would log gRPC errors).
+    if not config.reuse_port:
+        check_free(config.host, config.port, "--port")
+    if config.metrics_port is not None:
+        check_free(config.host, config.metrics_port, "--metrics-port")
     from .app import serve
 
     return asyncio.run(serve(config))

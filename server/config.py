@@ -52,6 +52,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = None  # None: no HTTP exposition
     reuse_port: bool = False  # share `port` with other servers that set it too (SO_REUSEPORT); off: a clash fails
+    reuse_port: bool = False  # share `port` with other servers that set it too (SO_REUSEPORT); off: a clash fails
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mTLS, clients must present a certificate signed by this CA
