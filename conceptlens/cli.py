@@ -22,12 +22,15 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "data": {
         "shapes": ("conceptlens.training.data.cli", "generate the ShapesWorld concept dataset in Broden layout"),
     },
+    "import": ("conceptlens.training.cli_import", "bring a trained torchvision/timm CNN and its weights in as a run"),
     "train": ("conceptlens.training.cli_train", "train a classifier (standard, adversarial or consistent loss)"),
     "evaluate": ("conceptlens.training.cli_evaluate", "clean and robust accuracy of a run or bundle"),
     "dissect": ("conceptlens.training.cli_dissect", "label every unit with a concept; consistency metrics"),
     "export": ("conceptlens.training.cli_export", "write a servable bundle (ONNX + safetensors + manifest)"),
+    "calibrate": ("conceptlens.training.cli_calibrate", "add or refit a bundle's calibrated adversarial detector"),
     "experiment": {
         "paper": ("conceptlens.training.cli_experiment", "reproduce the paper's comparison on ShapesWorld"),
+        "detectors": ("conceptlens.training.cli_detectors", "compare adversarial detectors on one bundle"),
     },
     "serve": ("conceptlens.server.cli", "start the gRPC predict-and-explain service"),
 }

@@ -24,6 +24,10 @@ Manifest schema (schema_version 1), every key required:
     provenance      dict (config, lambda, epsilon, seed, git_commit; free-form JSON values)
     files           {relative file name: sha256 hex} for every file of the bundle except manifest.json;
                      must list model.onnx and weights.safetensors
+Optional (older v1 manifests without it keep loading; the trace then flags on plausibility alone):
+    adversarial_detector  {kind, layer, threshold, target_fpr, center, scale, file, calibration}: the detector
+                     behind the trace's adversarial_score and its calibrated threshold (handlers/detector.py);
+                     `file` (listed in `files`) holds the Mahalanobis class means and precision
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class Manifest:
     metrics: dict[str, Any]
     provenance: dict[str, Any]
     files: dict[str, str]
+    adversarial_detector: dict[str, Any] | None = None  # optional; see handlers/detector.py
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -114,7 +119,10 @@ class Manifest:
         raise UnknownName("layer", name, [info.name for info in self.layers])
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["adversarial_detector"] is None:  # absent, as in manifests written before it existed
+            del data["adversarial_detector"]
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -374,8 +382,13 @@ def _parse_manifest(data: Any) -> Manifest:
         _check(isinstance(digest, str) and bool(_SHA256.match(digest)), f"files.{fname}", "expected a sha256 hex")
     for required in (ONNX_FILE, WEIGHTS_FILE):
         _check(required in files, f"files.{required}", "missing")
+    detector = data.get("adversarial_detector")
+    if detector is not None:
+        from .detector import parse_entry
+
+        detector = parse_entry(detector, len(classes), names, files)
     return Manifest(schema, name, version, arch, list(classes), spec, layers, cooccurrence, metrics, provenance,
-                    dict(files))
+                    dict(files), detector)
 
 
 def _parse_input(raw: Mapping[str, Any]) -> InputSpec:
@@ -432,10 +445,11 @@ def manifest_dict(
     metrics: Mapping[str, Any],
     provenance: Mapping[str, Any],
     files: Mapping[str, str],
+    adversarial_detector: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON object export writes; round-trips through `Manifest.from_json`."""
     manifest = Manifest(SCHEMA_VERSION, name, int(version), architecture, list(classes), input_spec, list(layers),
                         {c: dict(row) for c, row in cooccurrence.items()}, dict(metrics), dict(provenance),
-                        dict(files))
+                        dict(files), dict(adversarial_detector) if adversarial_detector else None)
     return manifest.to_json()
 

@@ -12,8 +12,9 @@ replaced by its baseline b_k (mean activation on training data, 0 when unknown).
   two-step method applied to the unit's mean activation instead of a logit.
 
 A trace reports the top-k units by Δ (descending), the share of the layer's positive influence they carry, a
-plausibility score from the manifest's concept-class co-occurrence, an adversarial flag and a one-sentence
-summary such as "car: units for wheel (IoU .31) and window (IoU .22) carried 71% of the score".
+plausibility score from the manifest's concept-class co-occurrence, an adversarial score and flag (the model's
+calibrated detector, `handlers/detector.py`) and a one-sentence summary such as
+"car: units for wheel (IoU .31) and window (IoU .22) carried 71% of the score".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import ModelRuntime
+from .detector import detector_for
 from .hooks import capture, override
 from .modes import eval_mode
 
@@ -79,6 +81,7 @@ class TraceResult:
     plausibility: float | None
     adversarial: bool
     summary: str
+    adversarial_score: float = 0.0  # in [0, 1], higher = more likely adversarial; `adversarial` thresholds it
 
 
 def last_layer_deltas(acts: np.ndarray, weight_c: np.ndarray, baselines: np.ndarray) -> np.ndarray:
@@ -128,8 +131,27 @@ def trace_image(
     layers.reverse()
     deepest = layers[-1]
     plaus = plausibility(runtime, deepest.units, runtime.classes[target])
-    adversarial = plaus is not None and plaus < plausibility_threshold
-    return TraceResult(target, layers, plaus, adversarial, summarize(runtime.classes[target], deepest))
+    detector = detector_for(runtime)
+    pooled = None
+    if detector is not None:  # its layer's pooled activations: traced already, else one more ONNX pass
+        pooled = means[detector.layer] if detector.layer in means else \
+            runtime.forward(image[None]).activations[detector.layer][0].mean(axis=(1, 2))
+    ((score, adversarial),) = adversarial_flags(runtime, logits[None], None if pooled is None else pooled[None],
+                                                [plaus], plausibility_threshold)
+    return TraceResult(target, layers, plaus, adversarial, summarize(runtime.classes[target], deepest), score)
+
+
+def adversarial_flags(runtime: ModelRuntime, logits: np.ndarray, pooled: np.ndarray | None,
+                      plaus: Sequence[float | None], plausibility_threshold: float) -> list[tuple[float, bool]]:
+    """(adversarial_score, flag) per image: the model's calibrated detector when its manifest has one (logits
+    (n, K), `pooled` (n, C) of the detector's layer); else 1 − plausibility, flagged below the server's
+    plausibility threshold (score 0, no flag, when plausibility is unknown)."""
+    detector = detector_for(runtime)
+    if detector is None or (pooled is None and "mahalanobis" in detector.components):
+        return [(0.0, False) if p is None else (1.0 - p, p < plausibility_threshold) for p in plaus]
+    values = np.array([np.nan if p is None else p for p in plaus]) if detector.needs_plausibility else None
+    scores = detector.score(logits, pooled, values)
+    return [(float(s), bool(s > detector.threshold)) for s in scores.tolist()]
 
 
 @dataclass(frozen=True)
@@ -201,7 +223,7 @@ def trace_last_layer(
     has_cooc = bool(runtime.manifest.cooccurrence)
     rows = zip(targets.tolist(), order.tolist(), top.tolist(), means[rows, order].tolist(),
                positive.tolist(), top_positive.tolist(), strict=True)
-    results = []
+    results, plaus_all = [], []
     for i, (target, ks, ds, activations, total, carried) in enumerate(rows):
         units = [UnitTrace(layer=layer, unit=k, delta=d, exact=True, activation=a, baseline=table.baselines[k],
                            concept=table.labels[k], category=table.categories[k], iou=table.ious[k],
@@ -210,9 +232,14 @@ def trace_last_layer(
                  for k, d, a in zip(ks, ds, activations, strict=True)]
         trace = LayerTrace(layer, units, carried / total if total > 0 else 0.0, EXACT_LAST)
         plaus = _table_plausibility(table, units, target) if has_cooc else None
-        adversarial = plaus is not None and plaus < plausibility_threshold
+        plaus_all.append(plaus)
         summary = summarize(runtime.classes[target], trace, name=lambda u: table.named[u.unit])
-        results.append(TraceResult(target, [trace], plaus, adversarial, summary))
+        results.append(TraceResult(target, [trace], plaus, False, summary))
+    detector = detector_for(runtime)
+    pooled = means if detector is not None and detector.layer == layer else None
+    for result, (score, flag) in zip(results, adversarial_flags(runtime, logits, pooled, plaus_all,
+                                                                 plausibility_threshold), strict=True):
+        result.adversarial_score, result.adversarial = score, flag
     return results
 
 
@@ -331,8 +358,11 @@ def plausibility(runtime: ModelRuntime, units: Sequence[UnitTrace], label: str) 
     """Influence-weighted co-occurrence of the top units' concepts with the class, in [0, 1].
 
     Each concept's row P(concept | class) is scaled by its maximum over classes, so 1 means "this concept goes
-    with this class as much as with any class". Units without a concept, or with Δ ≤ 0, carry no weight.
-    None when the manifest has no co-occurrence table or no unit qualifies.
+    with this class as much as with any class". Only units present in the input vouch for their concept
+    (activation above the baseline b_k, design.md §5): a unit that raises the score by being absent (Δ > 0 from
+    a negative weight) says nothing about its concept being there. Units without a concept, with Δ ≤ 0, or at
+    or below their baseline carry no weight. None when the manifest has no co-occurrence table or no unit
+    qualifies.
     """
     table = runtime.manifest.cooccurrence
     if not table:
@@ -349,10 +379,11 @@ def plausibility(runtime: ModelRuntime, units: Sequence[UnitTrace], label: str) 
 
 
 def _weighted_plausibility(units: Sequence[UnitTrace], weight: Callable[[UnitTrace], float | None]) -> float | None:
-    """Σ Δ·weight / Σ Δ over the units with Δ > 0 and a weight (a concept in the co-occurrence table)."""
+    """Σ Δ·weight / Σ Δ over the units present (activation > baseline) with Δ > 0 and a weight (a concept in the
+    co-occurrence table)."""
     num = den = 0.0
     for unit in units:
-        w = weight(unit) if unit.delta > 0 else None
+        w = weight(unit) if unit.delta > 0 and unit.activation > unit.baseline else None
         if w is None:
             continue
         num += unit.delta * w
