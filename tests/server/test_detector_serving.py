@@ -1,0 +1,69 @@
+"""The adversarial score over the real server: a v1 manifest without the detector fields still loads and serves
+(score = 1 − plausibility, flag below the plausibility threshold), and a bundle calibrated in place serves the
+detector's score with its calibrated flag, equal to the offline computation. Real gRPC server on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from serving_helpers import CLASSES, SIZE, config, make_repo
+
+from conceptlens.handlers.backends import ModelRuntime
+from conceptlens.handlers.bundle import load_bundle
+from conceptlens.server.background import BackgroundServer
+from conceptlens.training.calibrate import fit_detector, write_detector
+from conceptlens_client import Client
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, SIZE, SIZE), dtype=np.float32)
+
+
+def test_a_manifest_without_the_detector_fields_loads_and_serves(bundle_dir, tmp_path):
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    manifest = json.loads((repo / "small" / "1" / "manifest.json").read_text())
+    assert "adversarial_detector" not in manifest and manifest["schema_version"] == 1  # written as before
+    with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        explanations = client.explain(list(_images(4, 5)), "small", top_k_units=128).explanations
+    assert len(explanations) == 4
+    for exp in explanations:
+        trace = exp.trace
+        if trace.HasField("plausibility"):
+            assert trace.adversarial_score == pytest.approx(1 - trace.plausibility, abs=1e-6)
+            assert trace.adversarial == (trace.plausibility < 0.5)
+        else:
+            assert trace.adversarial_score == 0.0 and not trace.adversarial
+    assert any(exp.trace.HasField("plausibility") for exp in explanations)
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "mahalanobis+max_softmax"])
+def test_a_calibrated_bundle_serves_its_detector_score_and_flag(bundle_dir, tmp_path, kind):
+    root = tmp_path / "repo" / "small" / "1"
+    shutil.copytree(bundle_dir, root)
+    before = {f: (root / f).read_bytes() for f in ("model.onnx", "weights.safetensors")}
+    runtime = ModelRuntime(load_bundle(root, verify_onnx=False), device="cpu")
+    fit = _images(64, 1)
+    detector, report = fit_detector(runtime, kind=kind, layer="layer3", fit_images=fit,
+                                    fit_labels=np.arange(64) % len(CLASSES), calib_images=_images(60, 2), fpr=0.1)
+    write_detector(root, detector, {"kind": detector.kind, "layer": detector.layer, "threshold": detector.threshold,
+                                    "target_fpr": detector.target_fpr,
+                                    "center": {k: list(v) for k, v in detector.center.items()},
+                                    "scale": {k: list(v) for k, v in detector.scale.items()},
+                                    "file": "detector.safetensors", "calibration": report})
+    assert all((root / f).read_bytes() == data for f, data in before.items())  # other files (and hashes) untouched
+    reloaded = load_bundle(root)  # hashes, schema and the ONNX check all still pass
+    assert reloaded.manifest.adversarial_detector["kind"] == kind
+    x = _images(4, 3)
+    out = runtime.forward(x)
+    want = detector.score(out.logits, out.activations["layer3"].mean(axis=(2, 3)))
+    with BackgroundServer(config(tmp_path / "repo")) as server, \
+            Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        last = client.explain(list(x), "small").explanations
+        hidden = client.explain(list(x[:1]), "small", layers=["layer2"]).explanations[0]  # detector layer not traced
+    got = np.array([e.trace.adversarial_score for e in last])
+    assert np.allclose(got, want, atol=1e-5) and np.all((got > 0) & (got < 1))
+    assert [e.trace.adversarial for e in last] == [bool(s > detector.threshold) for s in want]
+    assert hidden.trace.adversarial_score == pytest.approx(float(want[0]), abs=1e-5)
