@@ -25,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", required=True, type=Path, help="a run directory (run.json) or bundle directory")
     parser.add_argument("--data", required=True,
-                        help="Broden directory (PATH or PATH@split) or shapes:N[:SEED] for in-memory ShapesWorld")
+                        help="a Broden directory (PATH, broden:PATH, PATH@split) or shapes:N[:SEED] (ShapesWorld "
+                             "in memory, its val split: the same images `evaluate --data` reads)")
     parser.add_argument("--layers", help="comma-separated layer names (default: the architecture's default layers)")
     parser.add_argument("--out", required=True, type=Path, help="report directory to write")
     parser.add_argument("--adversarial", action="store_true",
@@ -54,10 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from conceptlens.training.data.registry import open_concepts
     from conceptlens.training.dissect.engine import DissectConfig, dissect
     from conceptlens.training.dissect.metrics import load_affinity
     from conceptlens.training.dissect.report import write_report
-    from conceptlens.training.dissect.sources import open_concepts, open_model
+    from conceptlens.training.run import open_model
 
     for name in ("batch_size", "steps", "top_k", "chunk_mb"):
         if getattr(args, name) < 1:

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from conceptlens.handlers.errors import InvalidInput
-from conceptlens.handlers.zoo import ImageClassifier
 
 from .config import parse_number
 
@@ -25,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--model", required=True, metavar="RUN_DIR|BUNDLE", help="a training run or a model bundle")
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="dataset spec: shapes[:N], broden:PATH, imagefolder:PATH, cifar10:PATH")
+                        help="dataset spec: shapes[:N[:SEED]], broden:PATH, imagefolder:PATH, cifar10:PATH "
+                             "(training/data/spec.py)")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="dataset split (val)")
     parser.add_argument("--n", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--eps", default="8/255", help="PGD budget, e.g. 8/255 (L∞) or 0.5 (L2); 0: clean only")
@@ -39,22 +39,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
-def open_model(path: Path, device: str) -> ImageClassifier:
-    """A run directory or a bundle, as an ImageClassifier in eval mode."""
-    if (path / "run.json").is_file():
-        from .run import load_run
-
-        return load_run(path, device=device)
-    if (path / "manifest.json").is_file():
-        from conceptlens.handlers.bundle import load_bundle
-
-        return load_bundle(path, verify_onnx=False).torch_model(device=device).eval()
-    raise InvalidInput("model", f"{path} is neither a run directory (run.json) nor a bundle (manifest.json)")
-
-
 def run(args: argparse.Namespace) -> int:
     from .data.registry import open_dataset
     from .evaluate import evaluate
+    from .run import open_model
 
     eps = parse_number("eps", args.eps)
     step_size = None if args.step_size is None else parse_number("step-size", args.step_size)
@@ -65,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if eps < 0:
         raise InvalidInput("eps", f"must be >= 0, got {eps}")
     path = Path(args.model)
-    if not path.is_dir():
-        raise InvalidInput("model", f"no such directory: {path}")
-    model = open_model(path, args.device)
+    model, _ = open_model(path, args.device)
     dataset = open_dataset(args.data, args.split, size=model.input_size)
     if list(dataset.classes) != list(model.classes):
         raise InvalidInput("data", f"classes {list(dataset.classes)[:5]}... differ from the model's "

@@ -49,7 +49,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train, dissect and compare the regimes; write results.json and results.md into `cfg.out`."""
     from conceptlens.handlers.zoo import arch_spec
     from conceptlens.training import config as train_config
-    from conceptlens.training.data.shapes import ShapesWorld
+    from conceptlens.training.data.registry import open_concepts
     from conceptlens.training.dissect.engine import DissectConfig, dissect
     from conceptlens.training.dissect.report import write_report
     from conceptlens.training.run import load_run, read_run
@@ -75,7 +75,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         model = load_run(run_dir)
         layers = cfg.layers or tuple(meta.get("layers") or arch_spec(model.arch).default_layers)
         n_probe = 48 if cfg.quick else cfg.probe_images
-        probe = ShapesWorld(n_probe, size=model.input_size, seed=cfg.probe_seed, with_masks=True)
+        probe, _ = open_concepts(f"shapes:{n_probe}:{cfg.probe_seed}", model.input_size)  # what dissect reads
         eps = tc.attack.eps if tc.attack.name != "none" else _base_eps(cfg, common)
         dcfg = DissectConfig(layers=tuple(layers), adversarial=True, eps=eps,
                              steps=2 if cfg.quick else cfg.attack_steps, batch_size=cfg.batch_size,

@@ -87,3 +87,31 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> zoo.ImageClassifier:
     ).to(device)
     zoo.load_weights(model, Path(run_dir) / WEIGHTS_FILE)
     return model.eval()
+
+
+def open_model(path: str | Path, device: str = "cpu") -> tuple[zoo.ImageClassifier, dict[str, Any]]:
+    """The one model opener of the commands: a run directory (run.json) or a bundle (manifest.json) -> (model in
+    eval mode on `device`, a description for reports). A directory holding both is refused rather than one
+    silently preferred: the two may hold different weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InvalidInput("--model", f"no such directory: {path}")
+    from conceptlens.handlers.bundle import MANIFEST
+
+    is_run, is_bundle = (path / RUN_FILE).is_file(), (path / MANIFEST).is_file()
+    if is_run and is_bundle:
+        raise InvalidInput("--model", f"{path} is both a run directory ({RUN_FILE}) and a bundle ({MANIFEST}); "
+                           "point at one or the other")
+    if is_bundle:
+        from conceptlens.handlers.bundle import load_bundle
+
+        bundle = load_bundle(path, verify_onnx=False)  # hashes and schema still checked
+        model = bundle.torch_model(str(device)).eval()
+        return model, {"source": str(path), "kind": "bundle", "architecture": model.arch,
+                       "name": bundle.manifest.name, "version": bundle.manifest.version}
+    if is_run:
+        meta = read_run(path)
+        model = load_run(path, device=str(device))
+        return model, {"source": str(path), "kind": "run", "architecture": model.arch,
+                       "regime": meta.get("regime"), "lambda": meta.get("lambda"), "eps": meta.get("eps")}
+    raise InvalidInput("--model", f"{path} is neither a run directory ({RUN_FILE}) nor a bundle ({MANIFEST})")

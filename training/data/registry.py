@@ -1,89 +1,71 @@
-"""`open_dataset(spec)`: one string names any dataset the trainer, evaluator or dissector can read.
+"""The two dataset openers every command uses, both over the one spec grammar of `spec.py`:
 
-Specs:
-    shapes | shapes:N | shapes:N:SEED   ShapesWorld, N images per split (default 2000), generated on the fly.
-                                        Splits draw from different seeds (train 3·SEED, val 3·SEED+1,
-                                        test 3·SEED+2), so val images never repeat train images.
-    broden:PATH                         a Broden-layout directory with class labels (a ShapesWorld export)
-    imagefolder:PATH                    torchvision ImageFolder: PATH/<split>/<class>/*.png if PATH/<split>
-                                        exists, else PATH/<class>/*.png
-    cifar10:PATH                        CIFAR-10 python batches (PATH or PATH/cifar-10-batches-py)
+- `open_dataset(spec, split, size)`: (image, label) pairs for training and evaluation;
+- `open_concepts(spec, size)`: (image, label, masks) for Network Dissection (ShapesWorld or Broden).
 
-Every dataset yields (image float32 (3, size, size) in [0,1], label int) and has `.classes`.
-Nothing is ever downloaded.
+The same ShapesWorld spec and split give the same images through both (tests/training/test_data_spec.py).
+Every dataset yields images float32 (3, size, size) in [0,1] and has `.classes`. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from conceptlens.handlers.errors import InvalidInput, UnknownName
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_SHAPES_N = 2000
+from .spec import DEFAULT_SHAPES_N, SCHEMES, SPLITS, DataSpec, parse
 
+__all__ = ["DEFAULT_SHAPES_N", "SCHEMES", "SPLITS", "open_concepts", "open_dataset"]
 
-def _shapes(arg: str, split: str, size: int) -> Dataset:
-    from .shapes import ShapesWorld
-
-    fields = arg.split(":") if arg else []
-    if len(fields) > 2:
-        raise InvalidInput("dataset", f"shapes spec takes at most N and SEED (shapes:N:SEED), got 'shapes:{arg}'")
-    try:
-        n = int(fields[0]) if fields and fields[0] else DEFAULT_SHAPES_N
-        seed = int(fields[1]) if len(fields) > 1 else 0
-    except ValueError:
-        raise InvalidInput("dataset", f"shapes:N:SEED needs integers, got 'shapes:{arg}'") from None
-    if n <= 0:
-        raise InvalidInput("dataset", f"shapes:N needs N > 0, got {n}")
-    return ShapesWorld(n, size=size, seed=3 * seed + SPLITS.index(split))
-
-
-def _existing(arg: str, scheme: str) -> Path:
-    if not arg:
-        raise InvalidInput("dataset", f"{scheme}:PATH needs a path")
-    path = Path(arg).expanduser()
-    if not path.exists():
-        raise InvalidInput("dataset", f"{scheme} path does not exist: {path}")
-    return path
-
-
-def _broden(arg: str, split: str, size: int) -> Dataset:
-    from .broden import BrodenClassification
-
-    return BrodenClassification(_existing(arg, "broden"), split=split, size=size)
-
-
-def _imagefolder(arg: str, split: str, size: int) -> Dataset:
-    from .readers import open_imagefolder
-
-    return open_imagefolder(_existing(arg, "imagefolder"), split=split, size=size)
-
-
-def _cifar10(arg: str, split: str, size: int) -> Dataset:
-    from .readers import open_cifar10
-
-    return open_cifar10(_existing(arg, "cifar10"), split=split, size=size)
-
-
-SCHEMES: dict[str, Callable[[str, str, int], Dataset]] = {
-    "shapes": _shapes,
-    "broden": _broden,
-    "imagefolder": _imagefolder,
-    "cifar10": _cifar10,
-}
+CONCEPT_SPLIT = "val"  # the ShapesWorld split dissection reads: held out from training on the same spec
 
 
 def open_dataset(spec: str, split: str = "train", size: int = 64) -> Dataset:
-    """Open the dataset named by `spec` (see the module docstring) for `split`, images resized to `size`²."""
-    scheme, _, arg = spec.partition(":")
-    if scheme not in SCHEMES:
-        raise UnknownName("dataset scheme", scheme, SCHEMES)
+    """Open the dataset named by `spec` for `split` (unless the spec pins one), images resized to `size`²."""
     if split not in SPLITS:
         raise UnknownName("split", split, SPLITS)
+    size = _size(size)
+    data = parse(spec)
+    split = data.split or split
+    if data.scheme == "shapes":
+        return _shapes(data, split, size, masks=False)
+    if data.scheme == "broden":
+        from .broden import BrodenClassification
+
+        return BrodenClassification(data.path, split=split, size=size)
+    from .readers import open_cifar10, open_imagefolder
+
+    reader = open_imagefolder if data.scheme == "imagefolder" else open_cifar10
+    return reader(data.path, split=split, size=size)
+
+
+def open_concepts(spec: str, size: int) -> tuple[Dataset, dict[str, Any]]:
+    """A concept dataset (images with per-pixel concept masks) and a description of it for reports: ShapesWorld
+    (its `CONCEPT_SPLIT` unless pinned) or a Broden directory (all of it unless pinned)."""
+    size = _size(size)
+    data = parse(spec)
+    if data.scheme == "shapes":
+        split = data.split or CONCEPT_SPLIT
+        return _shapes(data, split, size, masks=True), {"source": spec, "kind": "shapes", "n": data.n,
+                                                       "seed": data.seed, "split": split}
+    if data.scheme != "broden":
+        raise InvalidInput("--data", f"{data.scheme} data has no concept masks; use shapes:N[:SEED] or a Broden "
+                           "directory")
+    from .broden import BrodenDataset
+
+    return BrodenDataset(data.path, split=data.split, size=size), {"source": str(data.path), "kind": "broden",
+                                                                    "split": data.split}
+
+
+def _shapes(data: DataSpec, split: str, size: int, *, masks: bool) -> Dataset:
+    from .shapes import ShapesWorld
+
+    return ShapesWorld(data.n, size=size, seed=data.shapes_seed(split), with_masks=masks)
+
+
+def _size(size: int) -> int:
     if int(size) < 8:
         raise InvalidInput("size", f"must be at least 8 pixels, got {size}")
-    return SCHEMES[scheme](arg, split, int(size))
+    return int(size)
