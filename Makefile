@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9090
 MODELS ?= models
@@ -44,9 +45,10 @@ proto:
 		conceptlens_client/kserve/v2/grpc_predict_v2.proto
 	touch clients/python/conceptlens_client/kserve/__init__.py clients/python/conceptlens_client/kserve/v2/__init__.py
 
-# The service on the default model repository (models/<name>/<version>/).
+# The service on the default model repository (models/<name>/<version>/), on this machine only (plaintext, no
+# token): `make serve HOST=0.0.0.0` exposes it, metrics port included.
 serve: $(STUBS) $(OIP_STUBS)
-	$(BIN)/conceptlens serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/conceptlens serve --models $(MODELS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STUBS) $(OIP_STUBS)
 	$(BIN)/ruff check .

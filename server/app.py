@@ -40,6 +40,7 @@ from .probe_worker import ProbeWorkers
 from .repository import ModelRepository
 from .runners import Runners
 from .servicer import ConceptLensServicer
+from .wire import RequestParsingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class ConceptLensServer:
         inflight = {"Predict": cfg.predict.max_inflight, "Explain": cfg.explain.max_inflight,
                     "Probe": cfg.probe.max_inflight}
         interceptors.append(AdmissionInterceptor(self.metrics, inflight, limit))
+        interceptors.append(RequestParsingInterceptor())  # malformed OIP/health/reflection messages: INVALID_ARGUMENT
         server = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=sum(inflight.values()) + CHEAP_CALLS,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),

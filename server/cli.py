@@ -16,10 +16,14 @@ from .ports import check_free
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", required=True, type=Path,
                         help="model repository: <name>/<numeric version>/ bundle directories (watched for changes)")
-    parser.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 or [::] for all "
+                        "interfaces, as containers need)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    parser.add_argument("--metrics-host", default=None,
+                        help="address the metrics port binds (default: the same as --host)")
     parser.add_argument("--tls-cert", type=Path, help="PEM server certificate (enables TLS; needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates signed by it (mTLS)")
@@ -68,6 +72,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         raise InvalidInput("arguments", "--probe-workers must be >= 0, --probe-threads >= 1")
     config = ServerConfig(
         models=args.models.resolve(), host=args.host, port=args.port, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         reuse_port=args.reuse_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         threads=args.threads, poll_interval_s=args.poll, grace_s=args.grace, verify_onnx=not args.no_verify_onnx,
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if not config.reuse_port:
         check_free(config.host, config.port, "--port")
     if config.metrics_port is not None:
-        check_free(config.host, config.metrics_port, "--metrics-port")
+        check_free(config.metrics_bind, config.metrics_port, "--metrics-port")
     from .app import serve
 
     return asyncio.run(serve(config))

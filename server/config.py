@@ -48,10 +48,10 @@ class ServerConfig:
     """Everything `serve` needs. Paths are resolved by the CLI."""
 
     models: Path
-    host: str = "[::]"
+    host: str = "127.0.0.1"  # loopback unless asked: containers and Kubernetes pass --host 0.0.0.0 explicitly
+    metrics_host: str | None = None  # None: the same address as `host`
     port: int = 50051
     metrics_port: int | None = None  # None: no HTTP exposition
-    reuse_port: bool = False  # share `port` with other servers that set it too (SO_REUSEPORT); off: a clash fails
     reuse_port: bool = False  # share `port` with other servers that set it too (SO_REUSEPORT); off: a clash fails
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -74,3 +74,9 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def metrics_bind(self) -> str:
+        """The address the metrics HTTP server binds: `metrics_host`, else `host`, without gRPC's IPv6 brackets."""
+        host = self.metrics_host if self.metrics_host is not None else self.host
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host

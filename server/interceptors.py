@@ -185,7 +185,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         async def reject(_request, context: grpc.aio.ServicerContext):
             await context.abort_with_status(to_status(Unauthenticated(f"authorization: {problem}")))
 
-        return _wrap_unary(handler, reject, handler.request_deserializer)
+        return _wrap_unary(handler, reject)  # no deserializer: an unauthenticated message is never parsed
 
 
 def _reject_stream() -> grpc.RpcMethodHandler:
