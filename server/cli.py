@@ -38,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse-port", action="store_true",
                         help="share --port with other servers started with --reuse-port (SO_REUSEPORT: the kernel "
                         "splits connections between them); default: a used port is an error")
+    parser.add_argument("--max-inflight", action="append", default=[], metavar="METHOD=N",
+                        help="calls of a method (predict, explain, probe) admitted at once; more are refused with "
+                        "RESOURCE_EXHAUSTED and a retry hint (defaults: predict=64, explain=8, probe=8; repeatable)")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="Probe: worker processes running attacks beside the server (default 1; 0 = on a "
                         "server thread, sharing Predict's GIL)")
@@ -79,8 +82,24 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         probe_processes=args.probe_workers, probe_threads=args.probe_threads,
         probe_pinning=not args.no_probe_pinning,
     )
-    return replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000),
-                   probe=replace(config.probe, workers=max(1, args.probe_workers)))  # a batch per worker at once
+    config = replace(config, predict=BatchConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000),
+                     probe=replace(config.probe, workers=max(1, args.probe_workers)))  # a batch per worker at once
+    for method, limit in _inflight_limits(args.max_inflight).items():
+        config = replace(config, **{method: replace(getattr(config, method), max_inflight=limit)})
+    return config
+
+
+def _inflight_limits(values: list[str]) -> dict[str, int]:
+    """--max-inflight METHOD=N values as {method: N}."""
+    limits = {}
+    for value in values:
+        method, _, number = value.partition("=")
+        if method not in ("predict", "explain", "probe") or not number.isascii() or not number.isdigit() \
+                or int(number) < 1:
+            raise InvalidInput("--max-inflight", f"expected METHOD=N with METHOD predict, explain or probe and N >= 1, "
+                               f"got {value!r}")
+        limits[method] = int(number)
+    return limits
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,9 +49,20 @@ def _wrap_unary(handler: grpc.RpcMethodHandler, fn, deserializer=None) -> grpc.R
         fn, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
-def _expired(context: grpc.aio.ServicerContext) -> bool:
+def _expired(context: grpc.aio.ServicerContext, slack: float = 0.0) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= slack
+
+
+DEADLINE_SLACK = 0.1  # share of a call's time budget within which a client cancel counts as its deadline
+
+
+def _slack(context: grpc.aio.ServicerContext) -> float:
+    """How close to the server's deadline a cancel is taken for the client's: the client's clock started when it
+    sent the call, the server's when the headers arrived, so the client's deadline fires first by the transit and
+    queueing delay, and the server only sees a cancel."""
+    remaining = context.time_remaining()
+    return 0.0 if remaining is None or remaining > 1e6 else DEADLINE_SLACK * remaining
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -79,12 +90,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             record = _CallRecord()
             token = _CALL.set(record)
+            slack = _slack(context)
             outcome: grpc.StatusCode | None = None
             try:
                 return await inner(request, context)
             except asyncio.CancelledError:  # grpc.aio cancels the handler when the call ends under it
-                outcome = (grpc.StatusCode.UNAVAILABLE if self.stopping() else
-                           grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED)
+                outcome = (grpc.StatusCode.UNAVAILABLE if self.stopping() else grpc.StatusCode.DEADLINE_EXCEEDED
+                           if _expired(context, slack) else grpc.StatusCode.CANCELLED)
                 raise
             except BaseException:  # aborts set the context's code; anything else reaches the client as UNKNOWN
                 outcome = grpc.StatusCode.UNKNOWN
