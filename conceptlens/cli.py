@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from conceptlens.handlers.allocator import tune_allocator
 from conceptlens.handlers.errors import ConceptLensError
+from conceptlens_client.pipes import quiet_closed_pipe
 
 # command -> (module, one-line help). Nested groups ("data shapes") use a dict of their own.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
@@ -71,6 +72,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_closed_pipe(lambda: _main(argv))  # `conceptlens ... | head`: exit 141 without a message
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -5,7 +5,8 @@
     conceptlens-client explain IMAGE... [--model M] [--layers L1,L2] [--heatmap out.png] [--json]
     conceptlens-client probe IMAGE... [--attack pgd] [--eps E | --eps-range LO:HI] [--steps N] [--save-adv adv.png]
 
-Errors print one line and exit 2 (bad arguments or a refused call) or 1 (server unreachable).
+Errors print one line and exit 2 (bad arguments or a refused call) or 1 (server unreachable); a closed pipe
+(`... | head`) exits 141 quietly.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 
 from .client import Client, ServiceError
 from .heatmap import heatmap
+from .pipes import quiet_closed_pipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,10 +185,16 @@ def _probe(client: Client, model: str, args: argparse.Namespace, layers: list[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_closed_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return run(args)
+    except BrokenPipeError:  # `| head` closed stdout: quiet_closed_pipe ends the command without a message
+        raise
     except ServiceError as err:
         print(f"conceptlens-client {args.command}: error: {err}", file=sys.stderr)
         return 1 if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else 2
