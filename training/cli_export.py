@@ -26,6 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dissection", type=Path, help="report directory of `conceptlens dissect` (unit labels)")
     parser.add_argument("--layers", help="comma-separated layers to trace (default: dissected or default layers)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--detector", default="mahalanobis",
+                        help="adversarial detector fitted and calibrated into the bundle (components joined by '+': "
+                             "mahalanobis, max_softmax, plausibility; 'none' leaves it out; default mahalanobis)")
+    parser.add_argument("--fpr", type=float, default=0.05,
+                        help="clean false-positive rate the detector's threshold is calibrated for (default 0.05)")
+    parser.add_argument("--calibration", default="shapes:900:1000",
+                        help="held-out clean images for the calibration, val split (default shapes:900:1000)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -62,9 +69,14 @@ def run(args: argparse.Namespace) -> int:
     metrics = {**_last_metrics(run_dir / "metrics.jsonl"), **(run_info.get("metrics") or {})}
     if layers is None and dissection is None and run_info.get("layers"):
         layers = list(run_info["layers"])
+    if not 0 < args.fpr < 1:
+        raise InvalidInput("--fpr", f"must lie in (0, 1), got {args.fpr}")
+    detector = None
+    if args.detector != "none":
+        detector = {"kind": args.detector, "fpr": args.fpr, "calibration": args.calibration}
     out = export_bundle(
         model, args.out, name=name, version=version, layers=layers, dissection=dissection,
-        metrics=metrics, provenance=provenance, overwrite=args.overwrite,
+        metrics=metrics, provenance=provenance, overwrite=args.overwrite, detector=detector,
     )
     bundle = load_bundle(out)  # the check the server will make, made now
     result = {"bundle": str(out), "name": name, "version": version, "layers": bundle.layer_names,

@@ -60,12 +60,15 @@ def export_bundle(
     metrics: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    detector: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export `model` to the bundle directory `out_dir` (usually `<repo>/<name>/<version>`) and return it.
 
     `layers` defaults to the dissection's layers, else the architecture's default layers. `dissection` (a
     dissection.json dict, the file, or its report directory) supplies per-unit labels, baselines b_k and the
-    concept-class co-occurrence; without it labels are "" (not a detector) and baselines 0.
+    concept-class co-occurrence; without it labels are "" (not a detector) and baselines 0. `detector` (keyword
+    arguments of `training.calibrate.calibrate_bundle`, e.g. {"kind": "mahalanobis", "fpr": 0.05}) fits and
+    calibrates the adversarial detector on the bundle before it is published; None leaves it out.
     Raises InvalidInput for bad arguments and BundleError when ONNX and torch disagree.
     """
     if not isinstance(model, ImageClassifier):
@@ -123,6 +126,10 @@ def export_bundle(
         )
         B.Manifest.from_json(manifest)  # never publish a manifest the loader would refuse
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        if detector is not None:
+            from conceptlens.training.calibrate import calibrate_bundle
+
+            calibrate_bundle(tmp, **dict(detector))
         for file in tmp.iterdir():
             file.chmod(0o644)
         if out.exists():
