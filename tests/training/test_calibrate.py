@@ -1,0 +1,76 @@
+"""`conceptlens calibrate` on a copy of the embedded bundle: the threshold it stores flags about its target share of
+held-out clean images it never saw, the bundle's other files and hashes stay valid, and bad arguments are one-line
+errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conceptlens.cli import main
+from conceptlens.handlers.backends import ModelRuntime
+from conceptlens.handlers.bundle import load_bundle
+from conceptlens.handlers.detector import detector_for
+from conceptlens.training.calibrate import dataset_images
+
+pytestmark = pytest.mark.slow  # ~25 s of CPU: 900 fit and 1000 held-out 64-px images through the bundle
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "shapes" / "1"
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundle") / "shapes" / "1"
+    shutil.copytree(DEFAULT_BUNDLE, root)
+    (root / "manifest.json").write_text(json.dumps(  # start from a manifest without a detector, as older ones are
+        {k: v for k, v in json.loads((root / "manifest.json").read_text()).items() if k != "adversarial_detector"}))
+    assert main(["calibrate", "--bundle", str(root), "--fpr", "0.1", "--fit-limit", "900",
+                 "--calibration", "shapes:400:1000", "--json"]) == 0
+    return root
+
+
+def test_the_calibrated_threshold_gives_its_false_positive_rate_on_held_out_images(calibrated):
+    bundle = load_bundle(calibrated)  # hashes (the new file's too), schema and the ONNX check pass
+    runtime = ModelRuntime(bundle, device="cpu")
+    detector = detector_for(runtime)
+    assert detector.kind == "mahalanobis" and detector.target_fpr == 0.1
+    images, _ = dataset_images("shapes:600:2000", "test", bundle.manifest.input.size)  # never fitted nor calibrated
+    out = runtime.forward(images)
+    flags = detector.flags(detector.score(out.logits, out.activations[detector.layer].mean(axis=(2, 3))))
+    # threshold from 200 images and 600 held-out ones: the rate's sampling spread is about ±0.05 (2 sd)
+    assert 0.04 <= flags.mean() <= 0.17
+
+
+def test_the_other_files_are_untouched(calibrated):
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    original = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    for name in ("model.onnx", "weights.safetensors"):
+        assert manifest["files"][name] == original["files"][name]
+        assert (calibrated / name).read_bytes() == (DEFAULT_BUNDLE / name).read_bytes()
+    assert manifest["adversarial_detector"]["calibration"]["threshold_images"] == 200
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fpr", "1.5"], "--fpr: must lie in (0, 1)"),
+    (["--kind", "lid"], "components must come from"),
+    (["--layer", "layer9"], "not a traced layer"),
+])
+def test_bad_arguments_are_one_line_errors(calibrated, args, message, capsys):
+    assert main(["calibrate", "--bundle", str(calibrated), "--fit-limit", "50", "--calibration", "shapes:40:1000",
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["calibrate", "--bundle", str(calibrated / "nope")]) == 2
+
+
+def test_scores_are_probability_like(calibrated):
+    runtime = ModelRuntime(load_bundle(calibrated, verify_onnx=False), device="cpu")
+    images, _ = dataset_images("shapes:20:2000", "test", 64)
+    out = runtime.forward(images)
+    detector = detector_for(runtime)
+    scores = detector.score(out.logits, out.activations[detector.layer].mean(axis=(2, 3)))
+    assert np.all((scores > 0) & (scores < 1))
