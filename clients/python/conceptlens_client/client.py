@@ -4,6 +4,7 @@ status code name and the server's message (which names the field and the problem
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,23 @@ from .v1 import conceptlens_service_pb2 as pb
 from .v1 import conceptlens_service_pb2_grpc as pb_grpc
 
 ImageLike = str | Path | bytes | np.ndarray | PILImage.Image | pb.Image
+SERVICE = pb.DESCRIPTOR.services_by_name["ConceptLens"].full_name
+
+
+def retry_service_config(attempts: int = 4) -> str:
+    """The gRPC service config (JSON) the client uses: calls refused for overload (RESOURCE_EXHAUSTED) or while
+    a server restarts (UNAVAILABLE) are retried up to `attempts` times in all, with exponential backoff and
+    jitter, within the call's own deadline. The server's `grpc-retry-pushback-ms` trailer overrides the backoff:
+    it says when to retry, or (-1) that the refusal is final (a request over a work cap or the reply size). Retry
+    throttling stops retrying while most calls fail, so retries cannot multiply an overload (gRFC A6)."""
+    return json.dumps({
+        "methodConfig": [{
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "2s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]},
+        }],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    })
 
 
 class ServiceError(Exception):
@@ -54,15 +72,21 @@ class Client:
 
     `target` is host:port. TLS when `root_certificates` (PEM bytes of the CA) is given; add `private_key` and
     `certificate_chain` for mTLS. `token` adds `authorization: Bearer <token>` to every call. `timeout` is the
-    default deadline in seconds.
+    default deadline in seconds. `attempts` > 1 retries overload and restart refusals (`retry_service_config`);
+    1 turns retries off.
     """
 
     def __init__(self, target: str = "localhost:50051", *, token: str | None = None,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None, timeout: float = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, server_name: str | None = None) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, server_name: str | None = None,
+                 attempts: int = 4) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if attempts > 1:
+            options.append(("grpc.service_config", retry_service_config(attempts)))
+        else:
+            options.append(("grpc.enable_retries", 0))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if root_certificates is not None:
