@@ -107,7 +107,7 @@ def _linear_head(model: ImageClassifier, layers: dict[str, LayerInfo]) -> Linear
     inputs are exactly that layer's channels (resnets, small_cnn); None otherwise (vgg, mobilenet: their last
     conv layer takes the hidden-layer path)."""
     spec = arch_spec(model.arch)
-    if spec.last_layer not in layers:
+    if not spec.head or spec.last_layer not in layers:  # "": head not verified as pooling + linear
         return None
     head = resolve_layer(model, spec.head)
     if not isinstance(head, nn.Linear) or head.in_features != layers[spec.last_layer].units:

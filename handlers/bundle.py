@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .errors import BundleError, ConceptLensError
-from .zoo import ImageClassifier, build_model, list_archs, load_weights
+from .zoo import ImageClassifier, build_model, is_arch, list_archs, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def _parse_manifest(data: Any) -> Manifest:
     version = _typed(_get(data, "version", ""), int, "version", "an integer")
     _check(version >= 1, "version", f"must be >= 1, got {version}")
     arch = _typed(_get(data, "architecture", ""), str, "architecture", "a string")
-    _check(arch in list_archs(), "architecture", f"unknown {arch!r}; valid: {', '.join(list_archs())}")
+    _check(is_arch(arch), "architecture", f"unknown {arch!r}; valid: {', '.join(list_archs())}, timm:<name>")
     classes = _typed(_get(data, "classes", ""), list, "classes", "a list of strings")
     for i, c in enumerate(classes):
         _typed(c, str, f"classes[{i}]", "a string")

@@ -30,6 +30,7 @@ class ArchSpec:
     last_layer: str  # the conv layer feeding global pooling + linear head: exact influence is free there
     head: str  # the linear classifier after global pooling
     default_layers: tuple[str, ...]  # layers traced and dissected by default
+    stages: tuple[str, ...] = ()  # every stage output, shallow to deep (external architectures: derived)
 
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -54,9 +55,26 @@ def list_archs() -> list[str]:
 
 
 def arch_spec(name: str) -> ArchSpec:
+    """The spec of a registered architecture, or of a torchvision/timm one (`timm:convnext_tiny`), derived from
+    the model on first use (handlers/external_archs.py); an unknown or unsupported name raises one clear error."""
     if name not in _ARCHS:
-        raise UnknownName("architecture", name, _ARCHS)
+        from . import external_archs
+
+        if not external_archs.is_external(name):
+            raise UnknownName("architecture", name, [*_ARCHS, "timm:<name>", "torchvision:<name>"])
+        derived = external_archs.derive(name)
+        _ARCHS[name] = ArchSpec(name, derived.build, derived.stages[-1], derived.head, derived.stages[-2:],
+                                derived.stages)
     return _ARCHS[name]
+
+
+def is_arch(name: str) -> bool:
+    """Whether `name` resolves to a supported architecture (registered, or a torchvision/timm CNN)."""
+    try:
+        arch_spec(name)
+    except (UnknownName, InvalidInput):
+        return False
+    return True
 
 
 class ImageClassifier(nn.Module):

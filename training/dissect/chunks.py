@@ -2,8 +2,8 @@
 
 The model runs at the configured batch size, but thresholds, IoU, pools and histograms are updated once per
 chunk: a fixed memory budget (`DissectConfig.chunk_bytes`) of activations and compact masks. Each update costs a
-few dozen tensor ops whatever its size, so on a small model (a 32 px ShapesWorld CNN, 0.25 ms per image) batch-
-sized updates cost as much as the forward pass itself; chunk-sized ones amortise that. A chunk holds at most the
+few dozen tensor ops whatever its size, so on a small model (a 32 px ShapesWorld CNN) batch-sized updates cost
+as much as the forward pass itself; chunk-sized ones amortise that (bench/README.md). A chunk holds at most the
 budget (or one batch, if a batch is bigger), so memory stays independent of the number of images.
 """
 
@@ -92,8 +92,10 @@ class ChunkStream:
     size in images (from the first batch's bytes), so every later pass, and the cache, chunk the same way."""
 
     def __init__(self, dataset: Dataset, table: MaskTable, device: torch.device, *, batch_size: int,
-                 chunk_bytes: int, num_workers: int = 0, max_images: int | None = None) -> None:
+                 chunk_bytes: int, num_workers: int = 0, max_images: int | None = None,
+                 labelled: bool = True) -> None:
         n = len(dataset) if max_images is None else min(len(dataset), max_images)
+        self.labelled = labelled  # False: the images' classes are not the model's (ignore them)
         self.dataset = dataset if n == len(dataset) else Subset(dataset, range(n))
         self.images = n
         self.table, self.device = table, device
@@ -108,6 +110,7 @@ class ChunkStream:
         start = 0
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
             images, labels, masks = unpack(batch)
+            labels = labels if self.labelled else None
             images = images.to(self.device)
             acts = forward(model, layers, images)[1] if model is not None else {}
             present, size = self.table.present(masks), images.shape[0]

@@ -116,9 +116,14 @@ def dissect(
     categories, concept_cat = concept_table(concepts)
     classes = list(model.classes)
     device = next(model.parameters()).device
+    data_classes = list(getattr(dataset, "classes", None) or [])
+    labelled = not data_classes or data_classes == classes
+    if not labelled:  # e.g. an imported model dissected on ShapesWorld: concepts are fine, its classes are not
+        log.warning("the concept images' classes %s are not the model's %s: class-based metrics (consistency, "
+                    "co-occurrence) are skipped", data_classes[:4], classes[:4])
     stream = ChunkStream(dataset, MaskTable(concept_cat, categories), device, batch_size=config.batch_size,
                          chunk_bytes=config.chunk_bytes, num_workers=config.num_workers,
-                         max_images=config.max_images)
+                         max_images=config.max_images, labelled=labelled)
     directory = (config.cache_dir or tempfile.gettempdir()) if config.cache else None
     with eval_mode(model), ChunkCache(directory, stream.images, memory_bytes=config.chunk_bytes) as cache:
         stats = _first_pass(model, stream, config, layers, concepts, classes, cache)
