@@ -1,4 +1,4 @@
-"""Adversarial-input detection behind the trace's `adversarial_score` (design.md §5, adversarial flag).
+"""Adversarial-input detection behind the trace's `adversarial_score` (docs/design.md §5, adversarial flag).
 
 Raw scores, higher = more suspicious, each computed from what the one ONNX forward pass already gives:
 
@@ -11,11 +11,14 @@ Raw scores, higher = more suspicious, each computed from what the one ONNX forwa
 - ``max_softmax``: 1 − the maximum softmax probability (Hendrycks & Gimpel, ICLR 2017), the baseline.
 - ``plausibility``: 1 − the trace plausibility of the explained class (`handlers/trace.py`).
 
-Each raw score is standardised per predicted class, z = (raw − median_c) / scale_c, with the median and the
-interquartile range / 1.349 of held-out clean images predicted as c: a class whose clean images simply score
-higher is then not flagged more often. A combined detector ("mahalanobis+max_softmax") averages the z of its
-parts. `adversarial_score` = logistic(z) in (0, 1); the flag is score > threshold, the (1 − fpr) quantile of
-held-out clean images' scores, calibrated per model (`training/calibrate.py`) and stored in the manifest.
+Each raw score is standardised, z = (raw − median) / scale, with the median and the interquartile range / 1.349
+of held-out clean images: per predicted class for the Mahalanobis and plausibility parts (a class whose clean
+images simply score higher is then not flagged more often), pooled over classes for max-softmax (its clean
+spread is a few thousandths, too small to estimate per class; the arrays are stored per class all the same).
+A combined detector averages the z of its parts with weights written into its kind: "mahalanobis+max_softmax"
+(equal) or "mahalanobis*0.7+max_softmax*0.3". `adversarial_score` = logistic(z) in (0, 1); the flag is
+score > threshold, the (1 − fpr) quantile of held-out clean images' scores, calibrated per model
+(`training/calibrate.py`) and stored in the manifest.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from .errors import BundleError
 
 COMPONENTS = ("mahalanobis", "max_softmax", "plausibility")
+PER_CLASS = frozenset({"mahalanobis", "plausibility"})  # standardised per predicted class; the others pooled
 DETECTOR_FILE = "detector.safetensors"
 MIN_CLASS_IMAGES = 5  # fewer held-out images predicted as a class: that class uses the pooled median and scale
 
@@ -52,7 +56,11 @@ class Detector:
 
     @property
     def components(self) -> list[str]:
-        return self.kind.split("+")
+        return list(parse_kind(self.kind))
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return parse_kind(self.kind)
 
     @property
     def needs_plausibility(self) -> bool:
@@ -68,8 +76,9 @@ class Detector:
         """The mean over components of the per-class z of each raw score (classes = the predicted ones)."""
         predicted = np.asarray(logits).argmax(axis=1)
         raws = self.raw(logits, pooled, plausibility)
-        z = [(raws[c] - self.center[c][predicted]) / self.scale[c][predicted] for c in self.components]
-        return np.mean(z, axis=0)
+        weights = self.weights
+        z = [weights[c] * (raws[c] - self.center[c][predicted]) / self.scale[c][predicted] for c in weights]
+        return np.sum(z, axis=0)
 
     def score(self, logits: np.ndarray, pooled: np.ndarray | None,
               plausibility: np.ndarray | None = None) -> np.ndarray:
@@ -78,6 +87,24 @@ class Detector:
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
+
+
+def parse_kind(kind: str) -> dict[str, float]:
+    """Component -> weight (summing to 1) from "a+b" (equal weights) or "a*0.7+b*0.3"; ValueError when malformed."""
+    parts: dict[str, float] = {}
+    for item in str(kind).split("+"):
+        name, _, weight = item.partition("*")
+        name = name.strip()
+        if name not in COMPONENTS or name in parts:
+            raise ValueError(f"expected components from {', '.join(COMPONENTS)} joined by '+', got {kind!r}")
+        try:
+            parts[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"bad weight {weight!r} in detector kind {kind!r}") from None
+        if not math.isfinite(parts[name]) or parts[name] <= 0:
+            raise ValueError(f"weights must be positive, got {weight!r} in {kind!r}")
+    total = sum(parts.values())
+    return {name: w / total for name, w in parts.items()}
 
 
 def logistic(z: np.ndarray) -> np.ndarray:
@@ -137,16 +164,18 @@ def raw_scores(components: Sequence[str], logits: np.ndarray, pooled: np.ndarray
     return out
 
 
-def class_standardizer(raw: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class (median, IQR / 1.349) of clean raw scores; classes with fewer than MIN_CLASS_IMAGES images take
-    the pooled values, and a zero spread becomes the pooled spread (or 1)."""
+def class_standardizer(raw: np.ndarray, predicted: np.ndarray, n_classes: int,
+                       per_class: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (median, IQR / 1.349) of clean raw scores; classes with fewer than MIN_CLASS_IMAGES images (and
+    every class when not `per_class`) take the pooled values, and a zero spread becomes the pooled spread (or a
+    tiny positive one)."""
     raw = np.asarray(raw, dtype=np.float64)
     predicted = np.asarray(predicted)
     pooled_center = float(np.median(raw))
-    pooled_scale = _spread(raw) or 1.0
+    pooled_scale = _spread(raw) or float(np.std(raw)) or 1e-6
     center = np.full(n_classes, pooled_center)
     scale = np.full(n_classes, pooled_scale)
-    for c in range(n_classes):
+    for c in range(n_classes if per_class else 0):
         values = raw[predicted == c]
         if len(values) >= MIN_CLASS_IMAGES:
             center[c] = np.median(values)
@@ -208,9 +237,10 @@ def parse_entry(raw: Any, classes: int, layers: Sequence[str], files: Mapping[st
         if key not in raw:
             raise bad(f".{key}", "missing")
     kind = raw["kind"]
-    parts = kind.split("+") if isinstance(kind, str) else []
-    if not parts or any(p not in COMPONENTS for p in parts) or len(set(parts)) != len(parts):
-        raise bad(".kind", f"expected components from {', '.join(COMPONENTS)} joined by '+', got {kind!r}")
+    try:
+        parts = list(parse_kind(kind))
+    except ValueError as err:
+        raise bad(".kind", str(err)) from None
     if raw["layer"] not in layers:
         raise bad(".layer", f"not a traced layer: {raw['layer']!r}")
     for key in ("threshold", "target_fpr"):
@@ -237,7 +267,7 @@ def parse_entry(raw: Any, classes: int, layers: Sequence[str], files: Mapping[st
 def load_detector(root: Path, entry: Mapping[str, Any]) -> Detector:
     """The Detector of a bundle at `root` from its validated manifest entry (arrays read from its file)."""
     means = precision = None
-    if "mahalanobis" in entry["kind"].split("+"):
+    if "mahalanobis" in parse_kind(entry["kind"]):
         from safetensors.numpy import load_file
 
         try:

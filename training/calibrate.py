@@ -6,8 +6,8 @@ through the served code path (ONNX Runtime forward, the trace's plausibility):
 
 1. Mahalanobis part: class means and tied covariance of the layer's pooled activations on the *fit* images
    (the model's training data, by their true labels).
-2. Per-class standardisation: median and spread of each raw score over the even-numbered *calibration* images
-   (held-out clean images, never trained on), by predicted class.
+2. Standardisation: median and spread of each raw score over the even-numbered *calibration* images (held-out
+   clean images, never trained on), by predicted class where the detector says so (`detector.PER_CLASS`).
 3. Threshold: the (1 − fpr) quantile of the adversarial_score of the odd-numbered calibration images, so the
    flag fires on a fraction fpr of clean images (default 5%).
 
@@ -74,9 +74,10 @@ def dataset_images(spec: str, split: str, size: int, limit: int | None = None) -
 def fit_detector(runtime: Any, *, kind: str, layer: str, fit_images: np.ndarray, fit_labels: np.ndarray,
                  calib_images: np.ndarray, fpr: float) -> tuple[D.Detector, dict[str, Any]]:
     """The calibrated Detector and a JSON report (images used, measured clean flag rate on the threshold half)."""
-    parts = kind.split("+")
-    if any(p not in D.COMPONENTS for p in parts):
-        raise InvalidInput("kind", f"components must come from {', '.join(D.COMPONENTS)}, got {kind!r}")
+    try:
+        parts = list(D.parse_kind(kind))
+    except ValueError as err:
+        raise InvalidInput("kind", f"components must come from {', '.join(D.COMPONENTS)}: {err}") from None
     if layer not in runtime.layers:
         raise InvalidInput("layer", f"not a traced layer of the bundle: {layer!r} (have {runtime.layer_order})")
     if not 0 < fpr < 1:
@@ -94,7 +95,8 @@ def fit_detector(runtime: Any, *, kind: str, layer: str, fit_images: np.ndarray,
     even, odd = slice(0, None, 2), slice(1, None, 2)
     center, scale = {}, {}
     for part in parts:
-        center[part], scale[part] = D.class_standardizer(raws[part][even], predicted[even], n_classes)
+        center[part], scale[part] = D.class_standardizer(raws[part][even], predicted[even], n_classes,
+                                                         per_class=part in D.PER_CLASS)
     detector = D.Detector(kind, layer, 0.0, fpr, center, scale, means, precision)
     scores = detector.score(logits[odd], pooled[odd], None if plaus is None else plaus[odd])
     threshold = D.calibrate_threshold(scores, fpr)

@@ -10,7 +10,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from conceptlens.training.detector_eval import CANDIDATES, EVAL_DATA
+    from conceptlens.training.detector_eval import CANDIDATES, EVAL_DATA, FPR_DATA
 
     parser.description = (
         "Attack held-out clean images against the bundle's own model (white-box PGD at each image's minimal "
@@ -23,11 +23,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory, e.g. models/shapes/1")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--data", default=EVAL_DATA, help=f"held-out clean images, test split (default {EVAL_DATA})")
+    parser.add_argument("--fpr-data", default=FPR_DATA,
+                        help=f"more held-out clean images for the flag rates, test split (default {FPR_DATA})")
     parser.add_argument("--calibration", default="shapes:900:1000", help="calibration images, val split")
     parser.add_argument("--fit-limit", type=int, help="fit the Mahalanobis means on the first N training images")
     parser.add_argument("--fpr", type=float, default=0.05, help="target clean flag rate (default 0.05)")
     parser.add_argument("--eps-cap", type=float, default=32 / 255, help="white-box pool eps cap (default 32/255)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD steps (confident pool: twice this)")
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps of both pools (default 10)")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="detector kinds, comma-separated")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--json", action="store_true", help="print detectors.json")
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.resamples < 10:
         raise InvalidInput("--steps", "steps must be >= 1 and resamples >= 10")
     candidates = tuple(k.strip() for k in args.candidates.split(",") if k.strip())
-    cfg = DetectorEvalConfig(bundle=args.bundle, out=args.out, data=args.data, calibration=args.calibration,
+    cfg = DetectorEvalConfig(bundle=args.bundle, out=args.out, data=args.data, fpr_data=args.fpr_data,
+                             calibration=args.calibration,
                              fit_limit=args.fit_limit, fpr=args.fpr, eps_cap=args.eps_cap, steps=args.steps,
                              candidates=candidates, resamples=args.resamples)
     results = evaluate_detectors(cfg)

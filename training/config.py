@@ -75,6 +75,10 @@ class LossConfig:
     consistency_weight: float = 1.0  # λ; 0 is plain adversarial training
     distance: str = "relative"  # see losses.DISTANCES
     layers: tuple[str, ...] = ()  # empty: the architecture's default traced layers
+    # CSG regime (training/csg.py): weight of the class-specific gate's sparsity loss; 0 = no gate
+    csg_weight: float = 0.0
+    csg_sparsity: float = 0.2  # s: the open fraction of the gate the hinge allows (Liang et al.)
+    csg_layer: str = ""  # empty: the last default traced layer
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,8 @@ def validate(config: TrainConfig) -> None:
     ]:
         if value < 0:
             raise InvalidInput(name, f"must be >= 0, got {value}")
+    if config.loss.csg_weight < 0 or not 0 < config.loss.csg_sparsity <= 1:
+        raise InvalidInput("loss.csg_weight/csg_sparsity", "need csg_weight >= 0 and 0 < csg_sparsity <= 1")
     if config.attack.name != "none" and config.attack.steps < 1:
         raise InvalidInput("attack.steps", f"must be >= 1, got {config.attack.steps}")
     if len(config.model.mean) != len(config.model.std) or len(config.model.mean) not in (0, 3):

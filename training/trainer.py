@@ -43,7 +43,7 @@ from conceptlens.handlers import zoo
 from conceptlens.handlers.errors import InvalidInput
 from conceptlens.handlers.hooks import capture
 
-from . import checkpoint, distributed
+from . import checkpoint, csg, distributed
 from .config import TrainConfig, traced_layers, validate
 from .evaluate import evaluate
 from .losses import LossTerms, consistent_loss, distance
@@ -160,6 +160,7 @@ def batch_loss(
     net: nn.Module | None = None,
     autocast: Any = None,
     before_forward: Any = None,
+    gate: csg.ClassGate | None = None,
 ) -> LossTerms:
     """The loss of one batch, exactly as the trainer computes it (see the module docstring for the BN choice).
 
@@ -172,15 +173,30 @@ def batch_loss(
         before_forward()
     want_acts = adv is not None and config.loss.consistency_weight > 0
     n = x.shape[0]
-    with capture(model, layers if want_acts else ()) as acts, autocast or nullcontext():
+    # CSG (training/csg.py): in a gated step the last conv layer's maps are multiplied by the gate rows of the
+    # labels, and the gate's sparsity loss joins the total; the consistency term sees the ungated maps
+    gating = nullcontext() if gate is None else csg.gated(
+        model, csg_layer(config), gate, y if adv is None else torch.cat([y, y]))
+    with capture(model, layers if want_acts else ()) as acts, gating, autocast or nullcontext():
         logits = net(x if adv is None else torch.cat([x, adv]))
-        return consistent_loss(
+        terms = consistent_loss(
             logits[:n], y,
             logits_adv=None if adv is None else logits[n:],
             acts_clean={k: v[:n] for k, v in acts.items()} if want_acts else None,
             acts_adv={k: v[n:] for k, v in acts.items()} if want_acts else None,
             adv_weight=config.loss.adv_weight, consistency_weight=config.loss.consistency_weight, dist=dist,
         )
+    if gate is not None:
+        terms.total = terms.total + config.loss.csg_weight * gate.sparsity_loss(config.loss.csg_sparsity)
+    return terms
+
+
+def csg_layer(config: TrainConfig) -> str:
+    """The layer the class-specific gate multiplies: the configured one, else the architecture's last default
+    traced layer (the last conv block before pooling)."""
+    from conceptlens.handlers import zoo
+
+    return config.loss.csg_layer or zoo.arch_spec(config.model.arch).default_layers[-1]
 
 
 class _Trainer:
@@ -227,6 +243,7 @@ class _Trainer:
             persistent_workers=False,
         )
         self.optimizer = make_optimizer(self.model, config)
+        self.gate = self._make_gate(len(classes)) if config.loss.csg_weight > 0 else None
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.position = checkpoint.Position()
@@ -249,6 +266,9 @@ class _Trainer:
                 scaler=self.scaler, rank=self.env.rank,
             )
             self.last_eval = payload["extra"].get("last_eval", {})
+            if self.gate is not None and "csg_gate" in payload["extra"]:
+                with torch.no_grad():
+                    self.gate.weight.copy_(payload["extra"]["csg_gate"])
             self._info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.position.step,
                      self.position.epoch, self.position.batch)
             if self.env.is_main:
@@ -286,7 +306,8 @@ class _Trainer:
             checkpoint.save(
                 self.out / checkpoint.CHECKPOINT_DIR / checkpoint.LAST, model=self.model,
                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                position=self.position, rng_states=states, extra={"last_eval": self.last_eval},
+                position=self.position, rng_states=states, extra={"last_eval": self.last_eval, **(
+                    {} if self.gate is None else {"csg_gate": self.gate.weight.detach().cpu()})},
             )
 
     # --- the loop ----------------------------------------------------------------------------------------
@@ -353,18 +374,37 @@ class _Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast("cuda", enabled=True) if self.amp else nullcontext()
+        gate = self.gate if self.gate is not None and self.position.epoch % 2 == 0 else None  # CSG: even epochs
         terms = batch_loss(self.model, x, y, self.config, attack=self.attack, layers=self.layers,
-                           dist=self.dist, net=self.net, autocast=autocast, before_forward=self._zero_grad)
+                           dist=self.dist, net=self.net, autocast=autocast, before_forward=self._zero_grad, gate=gate)
         self.scaler.scale(terms.total).backward()
+        if gate is not None and gate.weight.grad is not None and self.env.distributed:  # DDP does not own the gate
+            gate.weight.grad.copy_(distributed.all_reduce_mean(gate.weight.grad, self.env))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if gate is not None:
+            gate.renormalize_()
         zero = terms.total.new_zeros(())
         layer_terms = [terms.per_layer.get(name, zero) for name in self.layers]
         return torch.stack([terms.total, terms.ce_clean, terms.ce_adv, terms.consistency, *layer_terms]).detach()
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # the attack may have left parameter gradients behind
+
+    def _make_gate(self, classes: int) -> csg.ClassGate:
+        """The CSG gate over the gated layer's channels, trained by the same optimiser (no weight decay: the
+        sparsity loss is its only regulariser). Training only: it is not part of the model or its weights."""
+        layer = csg_layer(self.config)
+        with torch.no_grad(), capture(self.model, [layer]) as acts:
+            was = self.model.training
+            self.model.eval()
+            self.model(torch.zeros(1, 3, self.config.model.input_size, self.config.model.input_size,
+                                   device=self.device))
+            self.model.train(was)
+        gate = csg.ClassGate(classes, acts[layer].shape[1]).to(self.device)
+        self.optimizer.add_param_group({"params": [gate.weight], "weight_decay": 0.0})
+        return gate
 
     def _validate(self) -> dict[str, Any]:
         e = self.config.eval
