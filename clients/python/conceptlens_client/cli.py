@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("predict", "classify images"), ("explain", "classify images and trace the units behind it")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
-        p.add_argument("--model", default="", help="model name (default: the only or first served model)")
+        p.add_argument("--model", default="", help=MODEL_HELP)
         p.add_argument("--version", type=int, default=0, help="model version (default: latest)")
         p.add_argument("--top-k", type=int, default=0, help="classes per image (default 5)")
         if name == "explain":
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", parents=[common], help="attack images: does the prediction flip, at what epsilon, "
                        "and which units take over")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
-    p.add_argument("--model", default="", help="model name (default: the only or first served model)")
+    p.add_argument("--model", default="", help=MODEL_HELP)
     p.add_argument("--version", type=int, default=0, help="model version (default: latest)")
     p.add_argument("--attack", default="pgd", choices=ATTACKS, help="attack kind (default pgd)")
     p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ATTACKS = ("fgsm", "pgd", "mifgsm", "ghost-ensemble", "square")
+MODEL_HELP = "model: NAME, models/NAME or models/NAME/versions/V (default: the only or first served model)"
 
 
 def _eps_range(text: str) -> tuple[float, float]:
