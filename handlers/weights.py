@@ -136,5 +136,13 @@ def fit_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], *, head: s
     return kept
 
 
+def head_name(net: nn.Module, verified: str = "") -> str:
+    """The classifier a new class count replaces: the spec's verified linear head, else the last linear layer."""
+    if verified:
+        return verified
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else ""
+
+
 def _names(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")

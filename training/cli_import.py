@@ -86,7 +86,7 @@ def import_run(
     from conceptlens.handlers import zoo
     from conceptlens.handlers.bundle import sha256_file
     from conceptlens.handlers.hooks import capture
-    from conceptlens.handlers.weights import fit_state_dict, read_state_dict
+    from conceptlens.handlers.weights import fit_state_dict, head_name, read_state_dict
 
     from .run import RUN_FILE, RUN_SCHEMA, WEIGHTS_FILE
 
@@ -104,7 +104,7 @@ def import_run(
         raise InvalidInput("--mean/--std", f"need 3 values each, std > 0; got mean {mean}, std {std}")
     state = read_state_dict(weights)
     model = zoo.build_model(arch, names, input_size=size, mean=mean, std=std)
-    fresh = fit_state_dict(model.net, state, head=spec.head or _head_name(model), replace_head=replace_head,
+    fresh = fit_state_dict(model.net, state, head=head_name(model.net, spec.head), replace_head=replace_head,
                            arch=arch)
     model.eval()
     layers = list(layers or spec.default_layers)
@@ -172,14 +172,6 @@ def _input_defaults(arch: str) -> tuple[int, tuple[float, ...], tuple[float, ...
         derived = external_archs.derive(arch)
         return derived.default_input_size, derived.mean, derived.std
     return 224, zoo.IMAGENET_MEAN, zoo.IMAGENET_STD
-
-
-def _head_name(model: Any) -> str:
-    """The last linear layer's name: the head to replace when the spec names none (not pooling + linear)."""
-    from torch import nn
-
-    linears = [n for n, m in model.net.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else ""
 
 
 def _floats(flag: str, text: str | None) -> list[float] | None:

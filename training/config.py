@@ -31,6 +31,8 @@ class ModelConfig:
     input_size: int = 64
     mean: tuple[float, ...] = ()  # empty: the zoo's default (ImageNet statistics)
     std: tuple[float, ...] = ()
+    init_weights: str = ""  # start from these weights: a run or bundle directory, or a state-dict file
+    replace_head: bool = False  # with init_weights of another class count: a fresh head for the data's classes
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from conceptlens.handlers.hooks import capture
 from . import checkpoint, csg, distributed
 from .config import TrainConfig, traced_layers, validate
 from .evaluate import evaluate
+from .init_weights import load_initial_weights
 from .losses import LossTerms, consistent_loss, distance
 from .run import RUN_FILE, WEIGHTS_FILE, run_metadata
 
@@ -219,7 +220,10 @@ class _Trainer:
         m = config.model
         self.model = zoo.build_model(
             m.arch, classes, input_size=m.input_size, mean=m.mean or None, std=m.std or None
-        ).to(device)
+        )
+        if m.init_weights:  # fine-tuning; a resumed run then restores its own checkpoint over these
+            load_initial_weights(self.model, m.init_weights, replace_head=m.replace_head)
+        self.model = self.model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
