@@ -4,13 +4,17 @@ the real server with the real client. Conflicting fields and non-ASCII digits ar
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from serving_helpers import SIZE, config, make_repo
 
 from conceptlens.handlers.errors import InvalidInput
+from conceptlens.server import probe_validation
 from conceptlens.server import validation as v
 from conceptlens.server.background import BackgroundServer
+from conceptlens.server.config import Limits
 from conceptlens_client import Client, ServiceError
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
@@ -123,3 +127,22 @@ def test_page_token_takes_ascii_digits_only():
     for token in ("²", "٣", "1.0", " 1"):
         with pytest.raises(InvalidInput, match="page_token"):
             v.page(1, token)
+
+
+def test_ensemble_members_take_every_name_form():
+    """AttackSpec.ensemble_models names models too: each form resolves to (short name, version)."""
+    resolved = []
+
+    def member(name: str, version: int):
+        resolved.append((name, version))
+        return SimpleNamespace(classes=["a", "b"], input_size=SIZE)
+
+    spec = pb.AttackSpec(kind=pb.AttackSpec.GHOST_ENSEMBLE, epsilon=0.03,
+                         ensemble_models=["x", "models/y", "models/z/versions/2"])
+    probe_validation.attack(spec, ["a", "b"], SIZE, Limits(), 1, member)
+    assert resolved == [("x", 0), ("y", 0), ("z", 2)]
+    with pytest.raises(InvalidInput) as err:
+        probe_validation.attack(pb.AttackSpec(kind=pb.AttackSpec.GHOST_ENSEMBLE, epsilon=0.03,
+                                              ensemble_models=["models/z/versions/²"]), ["a", "b"], SIZE, Limits(), 1,
+                                member)
+    assert err.value.field == "attack.ensemble_models"
