@@ -47,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", help="peak learning rate (optim.lr)")
     g.add_argument("--optimizer", help="sgd or adamw (optim.name)")
     g.add_argument("--schedule", help="cosine, step, onecycle or constant (optim.schedule)")
-    g.add_argument("--attack", help="none, pgd, fgsm or ghost-ensemble (attack.name)")
+    g.add_argument("--attack", help="none (standard training) or a gradient attack kind of the catalogue, e.g. pgd "
+                   "(attack.name; an unknown one lists them)")
     g.add_argument("--eps", help="attack budget, e.g. 8/255 (attack.eps)")
     g.add_argument("--steps", type=int, help="attack iterations (attack.steps)")
     g.add_argument("--lambda", dest="lam", help="consistency weight λ; 0 = plain adversarial training")

@@ -20,7 +20,6 @@ from conceptlens.handlers.errors import InvalidInput, UnknownName
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
-ATTACKS = ("none", "pgd", "fgsm", "ghost-ensemble")
 NORMS = ("linf", "l2")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -189,8 +188,14 @@ def validate(config: TrainConfig) -> None:
     zoo.arch_spec(config.model.arch)
     _choice("optimizer", config.optim.name, OPTIMIZERS)
     _choice("schedule", config.optim.schedule, SCHEDULES)
-    _choice("attack", config.attack.name, ATTACKS)
+    _choice("attack", config.attack.name, training_attacks())
     _choice("attack norm", config.attack.norm, NORMS)
+    if config.attack.name != "none":
+        from conceptlens.handlers.attacks.registry import attack_kind
+
+        if config.attack.norm not in attack_kind(config.attack.name).norms:
+            raise InvalidInput("attack.norm", f"{config.attack.name} supports only "
+                               f"{', '.join(attack_kind(config.attack.name).norms)}")
     _choice("distance", config.loss.distance, DISTANCES)
     _choice("device", config.run.device, DEVICES)
     for name, value in [
@@ -226,6 +231,14 @@ def validate(config: TrainConfig) -> None:
         model = zoo.build_model(config.model.arch, ["a", "b"], input_size=config.model.input_size)
         for layer in traced_layers(config):
             zoo.resolve_layer(model, layer)
+
+
+def training_attacks() -> tuple[str, ...]:
+    """`attack.name` values: "none" (standard training) and the attack catalogue's gradient attacks. A function,
+    not a constant, because the catalogue imports torch and this module does not."""
+    from conceptlens.handlers.attacks.registry import attack_kinds
+
+    return ("none", *(k.name for k in attack_kinds() if not k.black_box))
 
 
 def traced_layers(config: TrainConfig) -> tuple[str, ...]:

@@ -63,10 +63,11 @@ def evaluate(
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False)
     attack = None
     if robust_n:
-        from conceptlens.handlers.attacks.pgd import PGD
+        from conceptlens.handlers.attacks import AttackParams, make_attack
 
         size = step_size if step_size is not None else default_step_size(eps, steps)
-        attack = PGD(model, eps=eps, alpha=size, steps=steps, norm=norm, random_start=random_start)
+        attack = make_attack("pgd", model, AttackParams(eps=eps, step_size=size, steps=steps, norm=norm,
+                                                        random_start=random_start))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         done = 0

@@ -1,4 +1,4 @@
-"""One trainer for the three regimes of design.md §5: standard, adversarial (λ = 0) and consistent loss.
+"""One trainer for the three regimes of docs/design.md §5: standard, adversarial (λ = 0) and consistent loss.
 
 Per batch (x, y):
   1. x* = attack(x, y) with the attack library (PGD by default). The attack runs the model in **eval mode**
@@ -85,23 +85,15 @@ def open_data(config: TrainConfig) -> tuple[Dataset, Dataset]:
 
 
 def make_attack(model: nn.Module, config: TrainConfig) -> Any:
-    """The training attack, built from the attack library on the bare (un-wrapped) model; None for standard."""
+    """The training attack from the attack catalogue, on the bare (un-wrapped) model; None for standard."""
     a = config.attack
     if a.name == "none":
         return None
-    if a.name == "pgd":
-        from conceptlens.handlers.attacks.pgd import PGD
+    from conceptlens.handlers.attacks import AttackParams, registry
 
-        return PGD(model, eps=a.eps, alpha=a.step_size, steps=a.steps, norm=a.norm, random_start=a.random_start)
-    if a.name == "fgsm":
-        from conceptlens.handlers.attacks.fgsm import FGSM
-
-        return FGSM(model, eps=a.eps)
-    from conceptlens.handlers.attacks.ensemble import EnsembleAttack
-    from conceptlens.handlers.attacks.ghost import GhostNetwork
-
-    members = [GhostNetwork(model) for _ in range(a.ghost_members)]
-    return EnsembleAttack(members, [1.0 / len(members)] * len(members), eps=a.eps, alpha=a.step_size, steps=a.steps)
+    return registry.make_attack(a.name, model, AttackParams(
+        eps=a.eps, norm=a.norm, steps=a.steps, step_size=a.step_size, random_start=a.random_start,
+        ghosts=a.ghost_members))
 
 
 def seed_everything(seed: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,26 @@ class AttackResult:
     def __repr__(self) -> str:
         judged = "pending" if self._logits is None else f"{int(self._success.sum())} succeeded"
         return f"AttackResult(adv={tuple(self.adv.shape)}, eps={self.eps}, {judged})"
+
+
+@dataclass(frozen=True)
+class AttackParams:
+    """One attack request in the terms all kinds share (the trainer's config, a probe, dissection, evaluation);
+    each kind's `from_params` takes the parts it uses. Built into an attack by `registry.make_attack`."""
+
+    eps: Eps = 8 / 255
+    norm: str = "linf"
+    steps: int | None = None  # iterations (Square: queries per image); None: the kind's registered default
+    step_size: Eps | None = None  # None: the kind's default fraction of ε
+    random_start: bool = True  # PGD
+    restarts: int = 1  # PGD
+    targeted: bool = False
+    seed: int | None = None  # every random draw (PGD's start, ghost networks, Square's squares)
+    ghosts: int = 2  # ghost-ensemble: ghost networks of the attacked model
+    others: tuple[Predict, ...] = ()  # ghost-ensemble: other models averaged in beside the ghosts
+    # True: each image's result depends only on that image and ε, whichever images share its batch (the
+    # minimal-ε search needs this): PGD starts at the clean image, Square draws each image's squares alone.
+    deterministic: bool = False
 
 
 def expected_channels(model: object) -> int | None:
@@ -154,6 +175,11 @@ class Attack:
     def __init__(self, model: Predict, eps: Eps, *, targeted: bool = False) -> None:
         check_eps(eps)
         self.model, self.eps, self.targeted = model, eps, targeted
+
+    @classmethod
+    def from_params(cls, model: Predict, params: AttackParams) -> Attack:
+        """This kind built from the shared parameters (`params.steps` already resolved by the registry)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from AttackParams")
 
     def models(self) -> Sequence[object]:
         """Every module whose training flag must be held in eval mode during the attack."""

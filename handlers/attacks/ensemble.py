@@ -1,7 +1,7 @@
 """The ensemble-optimization attack: one perturbation for several models at once.
 
 Liu, Chen, Liu & Song, "Delving into Transferable Adversarial Examples and Black-box Attacks", ICLR 2017
-(the weighted logit ensemble), optimised with MI-FGSM (Dong et al., CVPR 2018), as in design.md §5.
+(the weighted logit ensemble), optimised with MI-FGSM (Dong et al., CVPR 2018), as in docs/design.md §5.
 """
 
 from __future__ import annotations

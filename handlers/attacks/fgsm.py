@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Eps, Predict, class_loss, per_sample
+from .base import Attack, AttackParams, Eps, Predict, class_loss, per_sample
 from .loop import iterate
 from .steps import make_step
 
@@ -27,6 +27,10 @@ class FGSM(Attack):
         super().__init__(model, eps, targeted=targeted)
         make_step(norm, torch.zeros(1), torch.zeros(1))  # fail now on an unknown norm, not mid-call
         self.norm = norm
+
+    @classmethod
+    def from_params(cls, model: Predict, params: AttackParams) -> FGSM:
+        return cls(model, params.eps, norm=params.norm, targeted=params.targeted)
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         eps = per_sample(self.eps, images)

@@ -8,14 +8,14 @@ rewritten and every hook is removed in `finally`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from ..errors import InvalidInput
-from .base import Eps, check_eps, check_steps
+from .base import AttackParams, Eps, Predict, check_eps, check_steps
 from .ensemble import EnsembleAttack
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class GhostNetwork(nn.Module):
 
 class GhostEnsemble(EnsembleAttack):
     """The ensemble-optimization attack over `members` ghost networks of one model, each redrawn at every step
-    (the paper's longitudinal ensemble, widened by `members`). Success is judged on the unmodified model. L∞.
+    (the paper's longitudinal ensemble, widened by `members`), plus any `others` (further models taking the same
+    images, e.g. other served models) with equal weight. Success is judged on the unmodified model. L∞.
 
     Defaults were measured on ShapesWorld (tests/handlers/test_transfer.py): skip erosion 0.2 plus dropout
     erosion (keep 0.9) and PGD's step size 2.5·ε/steps (rather than MI-FGSM's ε/steps) transfer to a held-out
@@ -137,6 +138,7 @@ class GhostEnsemble(EnsembleAttack):
         decay: float = 1.0,
         targeted: bool = False,
         seed: int | None = None,
+        others: Sequence[Predict] = (),
     ) -> None:
         check_steps(members, "members")
         check_eps(eps)
@@ -145,5 +147,10 @@ class GhostEnsemble(EnsembleAttack):
         ghosts = [
             GhostNetwork(model, skip_erosion, dropout_keep, None if seed is None else seed + i) for i in range(members)
         ]
-        super().__init__(ghosts, None, eps, alpha, steps, decay=decay, targeted=targeted)
+        super().__init__([*ghosts, *others], None, eps, alpha, steps, decay=decay, targeted=targeted)
         self.model = model  # judge on the real model, attack through its ghosts
+
+    @classmethod
+    def from_params(cls, model: nn.Module, params: AttackParams) -> GhostEnsemble:
+        return cls(model, params.eps, params.step_size, params.steps, members=params.ghosts,
+                   targeted=params.targeted, seed=params.seed, others=params.others)

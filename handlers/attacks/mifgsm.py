@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Eps, Predict, check_eps, check_steps, class_loss, per_sample
+from .base import Attack, AttackParams, Eps, Predict, check_eps, check_steps, class_loss, per_sample
 from .loop import Momentum, Objective, iterate
 from .steps import make_step
 
@@ -43,6 +43,10 @@ class MIFGSM(Attack):
         check_eps(self.alpha, "alpha")
         make_step(norm, torch.zeros(1), torch.zeros(1))
         self.steps, self.decay, self.norm = steps, decay, norm
+
+    @classmethod
+    def from_params(cls, model: Predict, params: AttackParams) -> MIFGSM:
+        return cls(model, params.eps, params.step_size, params.steps, norm=params.norm, targeted=params.targeted)
 
     def objective(self, labels: torch.Tensor, target: torch.Tensor | None) -> Objective:
         """The loss ascended at each step; the ensemble and ghost attacks change only the model behind it."""

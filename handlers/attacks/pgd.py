@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidInput
-from .base import Attack, Eps, Predict, check_eps, check_steps, class_loss, per_sample, succeeded
+from .base import Attack, AttackParams, Eps, Predict, check_eps, check_steps, class_loss, per_sample, succeeded
 from .loop import iterate
 from .steps import make_step
 
@@ -53,6 +53,12 @@ class PGD(Attack):
         check_eps(self.alpha, "alpha")
         make_step(norm, torch.zeros(1), torch.zeros(1))  # fail now on an unknown norm
         self.steps, self.norm, self.random_start, self.restarts, self.seed = steps, norm, random_start, restarts, seed
+
+    @classmethod
+    def from_params(cls, model: Predict, params: AttackParams) -> PGD:
+        return cls(model, params.eps, params.step_size, params.steps, norm=params.norm,
+                   random_start=params.random_start and not params.deterministic, restarts=params.restarts,
+                   targeted=params.targeted, seed=params.seed)
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         step = make_step(self.norm, per_sample(self.eps, images), per_sample(self.alpha, images))

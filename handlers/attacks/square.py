@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import Attack, Eps, Predict, check_steps, per_sample
+from .base import Attack, AttackParams, Eps, Predict, check_steps, per_sample
 
 
 def _p_schedule(p_init: float, it: int, n_queries: int) -> float:
@@ -36,7 +36,10 @@ class Square(Attack):
 
     Start: vertical stripes of ±ε. Each iteration redraws, for every sample not yet fooled, one random square
     window (side ≈ √(p·H·W), p shrinking on the paper's schedule) to ±ε per channel, and keeps the change if it
-    lowers the margin. `seed` fixes the random draws.
+    lowers the margin. `seed` fixes the random draws. `per_image=True` runs the images one at a time, each with
+    the same seed, so an image's squares depend only on it and ε, not on which images share its batch: the
+    minimal-ε search needs such a deterministic attack (with a batch-dependent one its final verification walk
+    can step up and down forever).
 
     Shapes: images (N,C,H,W) in [0,1], labels (N,) int, optional target (N,) int; result.adv (N,C,H,W).
 
@@ -55,16 +58,30 @@ class Square(Attack):
         p_init: float = 0.05,
         targeted: bool = False,
         seed: int = 0,
+        per_image: bool = False,
     ) -> None:
         super().__init__(predict, eps, targeted=targeted)
         check_steps(n_queries, "n_queries")
-        self.n_queries, self.p_init, self.seed = n_queries, p_init, seed
+        self.n_queries, self.p_init, self.seed, self.per_image = n_queries, p_init, seed, per_image
+
+    @classmethod
+    def from_params(cls, model: Predict, params: AttackParams) -> Square:
+        return cls(model, params.eps, params.steps, targeted=params.targeted, seed=params.seed or 0,
+                   per_image=params.deterministic)
+
+    def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        if not self.per_image:
+            return self._perturb(images, labels, target, per_sample(self.eps, images))
+        eps = per_sample(self.eps, images)
+        return torch.cat([self._perturb(images[i : i + 1], labels[i : i + 1],
+                                        None if target is None else target[i : i + 1], eps[i : i + 1])
+                          for i in range(images.shape[0])])
 
     @torch.no_grad()
-    def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def _perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None,
+                 eps: torch.Tensor) -> torch.Tensor:
         n, c, h, w = images.shape
         gen = torch.Generator(device=images.device).manual_seed(self.seed)
-        eps = per_sample(self.eps, images)
 
         def signs(*shape: int) -> torch.Tensor:
             return torch.randint(0, 2, shape, generator=gen, device=images.device).to(images.dtype) * 2 - 1

@@ -14,6 +14,7 @@ from conceptlens.handlers.attacks import (
     FGSM,
     MIFGSM,
     PGD,
+    AttackParams,
     EnsembleAttack,
     GhostNetwork,
     L2Step,
@@ -21,8 +22,10 @@ from conceptlens.handlers.attacks import (
     MinimalEpsilon,
     Square,
     attack_class,
+    attack_kind,
     build_attack,
     list_attacks,
+    make_attack,
 )
 from conceptlens.handlers.errors import InvalidInput, UnknownName
 from conceptlens.handlers.zoo import ResidualBlock, build_model
@@ -387,3 +390,39 @@ def test_unknown_names_list_the_valid_ones() -> None:
         attack_class("cw")
     with pytest.raises(UnknownName, match="l2, linf"):
         PGD(nn.Identity(), norm="l1")
+
+
+# --- the catalogue ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list_attacks())
+def test_catalogue_builds_every_kind_from_shared_params(kind: str, shapes_model, clean) -> None:
+    images, labels = clean
+    entry = attack_kind(kind)
+    atk = make_attack(kind, shapes_model, AttackParams(eps=EPS, steps=2, seed=0))
+    assert isinstance(atk, entry.cls) and atk.eps == EPS
+    assert getattr(atk, "n_queries", getattr(atk, "steps", 1)) == (1 if entry.single_step else 2)
+    result = atk(images[:2], labels[:2])
+    assert (result.adv - images[:2]).abs().max() <= EPS + 1e-6
+    default = make_attack(kind, shapes_model, AttackParams(eps=EPS))  # unset steps: the registered default
+    assert getattr(default, "n_queries", getattr(default, "steps", 1)) == entry.default_steps
+    if "l2" not in entry.norms:
+        with pytest.raises(InvalidInput, match=r"^norm:"):
+            make_attack(kind, shapes_model, AttackParams(eps=EPS, norm="l2"))
+
+
+def test_catalogue_deterministic_params_make_batch_independent_attacks(shapes_model, clean) -> None:
+    images, labels = clean
+    params = AttackParams(eps=EPS, steps=20, seed=3, deterministic=True)
+    pgd = make_attack("pgd", shapes_model, params)
+    assert pgd.random_start is False
+    square = make_attack("square", shapes_model, params)
+    batch = square(images[:3], labels[:3]).adv
+    alone = make_attack("square", shapes_model, params)(images[1:2], labels[1:2]).adv
+    assert torch.equal(batch[1:2], alone)  # an image's squares do not depend on its batch
+
+
+def test_ghost_ensemble_others_join_the_ghosts_with_equal_weight(shapes_model, shapes_model_b) -> None:
+    atk = make_attack("ghost-ensemble", shapes_model, AttackParams(ghosts=2, others=(shapes_model_b,)))
+    assert len(atk.source.members) == 3 and atk.source.weights == pytest.approx([1 / 3] * 3)
+    assert atk.source.members[2] is shapes_model_b and atk.model is shapes_model  # judged on the attacked model

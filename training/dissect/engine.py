@@ -273,9 +273,10 @@ def _second_pass(model, stream, config, layers, stats, thresholds, concepts, cat
     if config.adversarial:
         if not stats.labelled:
             raise InvalidInput("--adversarial", "the data has no class labels; targeted attacks need them")
-        from conceptlens.handlers.attacks import PGD
+        from conceptlens.handlers.attacks import AttackParams, make_attack
 
-        attack = PGD(model, eps=config.eps, steps=config.steps, targeted=True, seed=config.seed)
+        attack = make_attack("pgd", model, AttackParams(eps=config.eps, steps=config.steps, targeted=True,
+                                                        seed=config.seed))
         means = {name: stats.rep_sum[name] / stats.class_count.clamp(min=1).unsqueeze(1) for name in layers}
     gen = torch.Generator().manual_seed(config.seed)
     adv_success = adv_total = 0
