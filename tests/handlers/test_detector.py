@@ -110,3 +110,19 @@ def test_only_units_present_in_the_input_vouch_for_their_concept():
     assert plausibility(runtime, [present_sail, absent_wheel], "car") == pytest.approx(0.0)
     assert plausibility(runtime, [absent_wheel], "car") is None
     assert plausibility(runtime, [present_sail, absent_wheel], "boat") == pytest.approx(1.0)
+
+
+def test_detector_kinds_carry_their_weights():
+    assert D.parse_kind("mahalanobis") == {"mahalanobis": 1.0}
+    assert D.parse_kind("mahalanobis+max_softmax") == {"mahalanobis": 0.5, "max_softmax": 0.5}
+    assert D.parse_kind("mahalanobis*0.7+max_softmax*0.3") == pytest.approx({"mahalanobis": 0.7, "max_softmax": 0.3})
+    for bad in ("lid", "mahalanobis+mahalanobis", "mahalanobis*-1", "mahalanobis*x"):
+        with pytest.raises(ValueError):
+            D.parse_kind(bad)
+    center = {"mahalanobis": np.zeros(2), "max_softmax": np.zeros(2)}
+    scale = {"mahalanobis": np.ones(2), "max_softmax": np.ones(2)}
+    det = D.Detector("mahalanobis*0.75+max_softmax*0.25", "layer3", 0.5, 0.05, center, scale,
+                     means=np.zeros((2, 1), dtype=np.float32), precision=np.ones((1, 1), dtype=np.float32))
+    logits = np.array([[0.0, 0.0]])  # max-softmax raw = 0.5
+    pooled = np.array([[2.0]])  # squared distance to either mean = 4
+    assert det.standardized(logits, pooled)[0] == pytest.approx(0.75 * 4 + 0.25 * 0.5)
