@@ -36,7 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--affinity", type=Path, help='JSON {"classes": [...], "matrix": [[...]]}: A in pᵀAp')
     parser.add_argument("--quantile", type=float, default=0.005, help="top-q activation quantile (default 0.005)")
     parser.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU threshold (default 0.04)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per batch (default: 64 up to 64-px models, fewer for larger inputs, e.g. 16 "
+                             "at 224 px, so a batch's activations stay about the same size)")
     parser.add_argument("--max-images", type=int, help="use only the first N images")
     parser.add_argument("--top-k", type=int, default=50, help="top images per unit for consistency (default 50)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from conceptlens.training.dissect.report import write_report
     from conceptlens.training.run import open_model
 
-    for name in ("batch_size", "steps", "top_k", "chunk_mb"):
+    for name in ("steps", "top_k", "chunk_mb"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(args, name)}")
     if not 0 < args.quantile < 1:
@@ -78,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     model, model_info = open_model(args.model, device)
     layers = tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else model.spec.default_layers
     affinity = load_affinity(args.affinity, model.classes) if args.affinity else None
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(model.input_size)
+    if args.batch_size < 1:
+        raise InvalidInput("--batch-size", f"must be >= 1, got {args.batch_size}")
     data, data_info = open_concepts(args.data, model.input_size)
     config = DissectConfig(layers=tuple(layers), quantile=args.quantile, iou_threshold=args.iou_threshold,
                            batch_size=args.batch_size, top_k=args.top_k, adversarial=args.adversarial,
@@ -100,3 +106,10 @@ def run(args: argparse.Namespace) -> int:
                   f"consistency {m.get('consistency_real', float('nan')):.3f}")
         print(f"wrote {args.out / 'report.html'}")
     return 0
+
+
+def default_batch_size(input_size: int) -> int:
+    """64 images per batch up to 64 px; above, 64·64/size rounded down to a multiple of 8 (32 at 128 px, 16 at
+    224 px, never below 8): larger images mean fewer per batch, so a batch's activations and masks, and the
+    chunks built from them, stay within a few times their 64-px size."""
+    return max(8, min(64, int(64 * 64 / max(int(input_size), 1)) // 8 * 8))
