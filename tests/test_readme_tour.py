@@ -3,8 +3,9 @@ against a live `conceptlens serve` started with the tour's own serve command (fr
 9090) on the embedded bundle, so the README cannot drift from the code.
 
 What runs: `conceptlens data shapes` (step 1) and every `conceptlens-client` command (steps 6 and 7; each gets
-`--server 127.0.0.1:PORT --timeout 280` appended: the probe worker runs at background priority and can take over
-the default minute on a busy machine), in a scratch directory as the working directory. Their printed lines must
+`--server 127.0.0.1:PORT --timeout 500` appended: the probe worker runs at background priority, and with other
+jobs on the cores the tour's minimal-epsilon search took minutes instead of ~20 s), in a scratch directory as the
+working directory. Their printed lines must
 match the README's with every number masked: numbers move in their last digits between machines and ONNX
 Runtime builds, the words (classes, concepts, units, FLIPPED or held) and the layout do not. A shown line that
 ends in "..." matches as a prefix.
@@ -139,7 +140,8 @@ def test_skipped_commands_still_parse():
                 pytest.fail(f"the README's `{step.command}` does not parse (exit {exit_.code})")
 
 
-@pytest.mark.slow  # a real server with its probe worker, a dataset and six CLI runs: ~40 s on 2 busy cores
+@pytest.mark.slow  # a real server with its probe worker, a dataset and six CLI runs: 1.5-2 min on 2 busy cores
+@pytest.mark.timeout(1200)  # the niced probe worker can wait minutes behind other work (see the docstring)
 def test_tour_runs_as_written(server, tmp_path):
     ran = []
     for step in tour_steps(tour_text()):
@@ -148,11 +150,11 @@ def test_tour_runs_as_written(server, tmp_path):
             continue
         extra = []
         if argv[0] == "conceptlens-client":
-            extra = ["--server", f"127.0.0.1:{server}", "--timeout", "280"]  # a niced probe worker on busy cores
+            extra = ["--server", f"127.0.0.1:{server}", "--timeout", "500"]  # a niced probe worker on busy cores
             for image in _input_images(argv):
                 _check_is_a_photo(tmp_path, image)
         done = subprocess.run([*_argv(step.command), *extra], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=560)
         assert done.returncode == 0, f"`{step.command}` exited {done.returncode}: {done.stderr}"
         printed = done.stdout.splitlines()
         assert len(printed) == len(step.shown), f"`{step.command}` printed {printed}, the README shows {step.shown}"
