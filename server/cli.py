@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,4 +114,11 @@ def run(args: argparse.Namespace) -> int:
         check_free(config.metrics_bind, config.metrics_port, "--metrics-port")
     from .app import serve
 
-    return asyncio.run(serve(config))
+    code = asyncio.run(serve(config))
+    # Everything has stopped (calls, batchers, probe workers, metrics): end the process here rather than through
+    # interpreter finalization, whose destructors (gRPC core, ONNX Runtime, torch) took 5-15 s after a cancelled
+    # trace and would break the --grace bound (server/app.py).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
