@@ -1,0 +1,56 @@
+"""Bounded shutdown: SIGTERM with an Explain in flight that would run for a minute ends the process within
+--grace + 2 s, by itself (exit 0: the trace stopped at its next check, not the watchdog's exit 1), and the caller
+gets UNAVAILABLE."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from serving_helpers import SIZE, make_repo
+from test_admission import LAYERS, tensors
+
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
+
+GRACE = 1.0
+
+
+@pytest.mark.slow
+def test_sigterm_exits_within_grace_with_a_heavy_explain_in_flight(bundle_dir, tmp_path):
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    log = (tmp_path / "server.log").open("w+")
+    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1",
+           "--port", "0", "--poll", "0", "--grace", str(GRACE)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on port" in line, line
+        port = int(line.rsplit(" ", 1)[1])
+        # 32 images x three hidden layers of exact links: about a minute of tracing on two cores
+        request = pb.ExplainRequest(model="small", layers=LAYERS, depth=3, top_k_units=4, candidates=32, images=[
+            pb.Image(tensor=pb.Tensor(shape=[3, SIZE, SIZE], dtype=pb.Tensor.FLOAT32, data=x.tobytes()))
+            for x in tensors(32, seed=2)])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ConceptLensStub(channel)
+            stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            future = stub.Explain.future(request, timeout=300)
+            time.sleep(1.5)
+            assert not future.done(), "the call finished before SIGTERM; make it heavier"
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+            took = time.monotonic() - start
+            assert future.exception(timeout=10).code() == grpc.StatusCode.UNAVAILABLE
+        log.seek(0)
+        assert code == 0, log.read()
+        assert took <= GRACE + 2.0, f"exited {took:.2f}s after SIGTERM with --grace {GRACE}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
