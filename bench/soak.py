@@ -8,7 +8,7 @@ resident memory of the server process and of its whole process tree (probe worke
 seconds: growth = median over the last minute / median over the minute after warm-up - 1 (target <= 5%).
 Writes bench/results/soak.json.
 
-    nice -n 10 .venv/bin/python bench/soak.py [--minutes 10] [--reload-s 60] [--warmup-min 2]
+    nice -n 10 .venv/bin/python bench/soak.py [--minutes 10] [--reload-s 60] [--warmup-min 2] [--probe-workers 1]
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def main() -> int:
     parser.add_argument("--warmup-min", type=float, default=2.0,
                         help="minutes excluded from the memory baseline (default 2)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default 5)")
+    parser.add_argument("--probe-workers", type=int, default=1,
+                        help="the server's --probe-workers (default 1; 0 runs probes on a server thread)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
     if args.minutes <= args.warmup_min + 1:
@@ -189,7 +191,8 @@ def main() -> int:
         with open(log_path, "w") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1",
-                 "--port", "0", "--metrics-port", str(metrics_port), "--poll", "2", "--grace", "5"],
+                 "--port", "0", "--metrics-port", str(metrics_port), "--poll", "2", "--grace", "5",
+                 "--probe-workers", str(args.probe_workers)],
                 stdout=subprocess.PIPE, stderr=log, text=True)
             line = server.stdout.readline()
             if "listening on port" not in line:
@@ -273,6 +276,7 @@ def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) 
     return {
         "bench": "soak",
         "minutes": args.minutes, "reload_s": args.reload_s, "warmup_min": args.warmup_min,
+        "probe_workers": args.probe_workers,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
         "client_codes": {m: dict(c) for m, c in traffic.codes.items()},
