@@ -1,7 +1,7 @@
 """The one image decoder: PNG/JPEG bytes and raw pixel arrays -> float32 in [0, 1], for the gRPC server
 (server/decoding.py), the Open Inference Protocol (server/oip.py) and the TorchServe handler.
 
-It lives in handlers/ because the TorchServe handler may not import server/ (docs/design.md, dependency
+It lives in handlers/ because the TorchServe handler may not import server/ (docs/design.md §1, dependency
 direction). Decoding is split in two so callers can budget it: `open_image` reads only the header and refuses
 what is too large before a pixel is decoded (per image, and `check_request_pixels` over a whole request);
 `image_pixels` does the decoding. numpy and Pillow only, no torch.

@@ -1,4 +1,4 @@
-"""Decode threads shared fairly by calls, so one heavy request cannot starve the others (docs/design.md,
+"""Decode threads shared fairly by calls, so one heavy request cannot starve the others (docs/design.md §9.1,
 "Decoding with budgets").
 
 A plain executor runs a request's decoding as one job in arrival order: a request of many large PNGs then holds

@@ -7,7 +7,7 @@ refused with a log line and `conceptlens_model_load_failures_total`, and is retr
 change; every other model keeps serving.
 
 A version that loaded is never dropped because its files went bad: it keeps serving from memory (logged and
-counted as a load failure) until its directory is removed, the only way to unload a version (docs/design.md,
+counted as a load failure) until its directory is removed, the only way to unload a version (docs/design.md §9.1,
 "Model repository"). Folders that cannot be a model or a version (hidden, a name the API refuses, a version
 that is not a plain ASCII number) are skipped with one warning each, so they never stop a rescan.
 """
