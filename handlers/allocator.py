@@ -1,11 +1,9 @@
 """Keep freed tensor memory in the process instead of handing it back to the OS after every op (glibc only).
 
 glibc's malloc serves blocks above its *dynamic* mmap threshold with fresh mmap() calls and unmaps them on free,
-so every forward pass on CPU faults its activation buffers in again, page by page, zero-filled by the kernel.
-Measured on the 2-core CI machine (small_cnn at 32 px, batch 64, 2048 images): 280,000 page faults and 0.7 s of
-system time per pass, 0.99 s per pass; with the thresholds below, no faults after the first pass and 0.52 s.
-Whether a process landed in the slow or the fast mode depended on the order of its first frees, so timings
-swung ~2x between identical runs. This is the effect jemalloc or tcmalloc are usually LD_PRELOADed for on
+so every forward pass on CPU faults its activation buffers in again, page by page, zero-filled by the kernel,
+and whether a process lands in the slow or the fast mode depends on the order of its first frees (measured:
+bench/README.md, "CPU allocator"). This is the effect jemalloc or tcmalloc are usually LD_PRELOADed for on
 CPU inference; two mallopt() calls get it without a new dependency.
 
 `tune_allocator()` is called by the entry points that run torch on CPU (the `conceptlens` command and the

@@ -1,4 +1,4 @@
-"""The model bundle (design.md §6): load, validate and verify `<name>/<version>/` directories.
+"""The model bundle (docs/design.md §6): load, validate and verify `<name>/<version>/` directories.
 
 A bundle is `model.onnx` (input "images" (N,3,H,W) float32 in [0,1], outputs "logits" then one activation per
 traced layer named exactly by the layer name), `weights.safetensors` (the same network, for gradient work) and

@@ -1,4 +1,4 @@
-"""Influence tracing (design.md §5): which units carried a prediction, and what concepts they detect.
+"""Influence tracing (docs/design.md §5): which units carried a prediction, and what concepts they detect.
 
 For class c and unit k of layer l, Δ_k = f_c(x) − f_c(x | A_k := b_k): the logit lost when the unit's map is
 replaced by its baseline b_k (mean activation on training data, 0 when unknown).
@@ -359,7 +359,7 @@ def plausibility(runtime: ModelRuntime, units: Sequence[UnitTrace], label: str) 
 
     Each concept's row P(concept | class) is scaled by its maximum over classes, so 1 means "this concept goes
     with this class as much as with any class". Only units present in the input vouch for their concept
-    (activation above the baseline b_k, design.md §5): a unit that raises the score by being absent (Δ > 0 from
+    (activation above the baseline b_k, docs/design.md §5): a unit that raises the score by being absent (Δ > 0 from
     a negative weight) says nothing about its concept being there. Units without a concept, with Δ ≤ 0, or at
     or below their baseline carry no weight. None when the manifest has no co-occurrence table or no unit
     qualifies.

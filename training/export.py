@@ -1,4 +1,4 @@
-"""Write a servable bundle (design.md §6): model.onnx + weights.safetensors + manifest.json, checked at export.
+"""Write a servable bundle (docs/design.md §6): model.onnx + weights.safetensors + manifest.json, checked at export.
 
 The ONNX graph takes "images" (N,3,H,W) float32 in [0,1] (normalisation is inside, as in ImageClassifier) and
 returns "logits" then one activation per traced layer named by the layer; the batch axis is dynamic. Before the

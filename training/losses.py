@@ -1,4 +1,4 @@
-"""The consistent loss (design.md §5): CE(f(x), y) + α·CE(f(x*), y) + λ·Σ_l D(φ_l(x), φ_l(x*)).
+"""The consistent loss (docs/design.md §5): CE(f(x), y) + α·CE(f(x*), y) + λ·Σ_l D(φ_l(x), φ_l(x*)).
 
 Every distance D maps a clean and an adversarial activation batch of the same shape (N, ...) to one scalar, the
 mean over the batch of a per-sample distance. The default is scale-free so that λ means the same thing for

@@ -6,7 +6,7 @@ says how often that was.
 - `confident_pool`: white-box PGD with growing ε until the wrong class has probability >= `min_prob` (0.9): the
   case a max-softmax detector is blind to by construction. Only images that got there within the ε schedule.
 - `transfer_pool`: the paper's shared pool, made once per experiment by the ensemble-optimisation attack
-  (targeted MI-FGSM on the mean logits of held-out surrogate models and ghost networks of each, design.md §5)
+  (targeted MI-FGSM on the mean logits of held-out surrogate models and ghost networks of each, docs/design.md §5)
   and then shown to every evaluated model; `fooled_rate` says how often each one follows it.
 
 All attacks come from the one catalogue in `handlers/attacks`. Labels are the model's own clean predictions, so

@@ -5,7 +5,7 @@
 - `auroc` (Mann-Whitney, ties count half) and `bootstrap_auroc`: clean and adversarial scores resampled
   separately, paired across detectors when they score the same images, so differences have intervals too.
 - `verdict`: "better" / "worse" only when the 95% interval of the difference excludes 0, else
-  "no measurable difference" (design.md §5; issue 13).
+  "no measurable difference" (docs/design.md §5; issue 13).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ShapesWorld: a generated, concept-annotated image dataset (design.md §4).
+"""ShapesWorld: a generated, concept-annotated image dataset (docs/design.md §4).
 
 Each image shows one object of a class in `SHAPES_CLASSES`, built from named parts (see `shapes_catalog`), at a
 random position, scale, stretch, mirror and part colours, over a textured background, with 0-2 distractors

@@ -1,1 +1,1 @@
-"""Network Dissection and the consistency metrics of design.md §5: label every unit with a concept, streaming."""
+"""Network Dissection and the consistency metrics of docs/design.md §5: label every unit with a concept, streaming."""

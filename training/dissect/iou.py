@@ -1,6 +1,6 @@
 """IoU between thresholded unit maps and concept masks, summed over a dataset, batched on the data's device.
 
-For unit k and concept c (design.md §5): M_k(x) = bilinear_upsample(A_k(x)) > T_k at the mask resolution and
+For unit k and concept c (docs/design.md §5): M_k(x) = bilinear_upsample(A_k(x)) > T_k at the mask resolution and
 IoU_{k,c} = Σ_x |M_k(x) ∩ L_c(x)| / Σ_x |M_k(x) ∪ L_c(x)|. As in NetDissect, an image counts towards a concept's
 union only if its category is annotated in that image (any non-zero pixel in the category's mask): a scene label
 missing from half of Broden must not count as a miss there. On ShapesWorld every category is annotated in every
@@ -74,7 +74,7 @@ def _blocks_last(n_in: int, n_out: int, device: str) -> tuple[torch.Tensor, torc
 def _interpolate(corners: torch.Tensor, lam_y: torch.Tensor, lam_x: torch.Tensor) -> torch.Tensor:
     """Blocks interpolated as PyTorch's bilinear kernel does (along x first): corners (4, n) as c00, c01, c10,
     c11; λ_y (Sy, n), λ_x (Sx, n) -> (Sy, Sx, n). Blocks sit in the last dimension: broadcasting over a long
-    contiguous one is 2-20x faster per op on CPU (by block size) than over (n, Sy, Sx)'s short ones."""
+    contiguous one is much faster per op on CPU than over (n, Sy, Sx)'s short ones (bench/README.md)."""
     top = corners[0] * (1 - lam_x) + corners[1] * lam_x
     bottom = corners[2] * (1 - lam_x) + corners[3] * lam_x
     return top.unsqueeze(0) * (1 - lam_y).unsqueeze(1) + bottom.unsqueeze(0) * lam_y.unsqueeze(1)
@@ -82,7 +82,7 @@ def _interpolate(corners: torch.Tensor, lam_y: torch.Tensor, lam_x: torch.Tensor
 
 def _corner_max(maps: torch.Tensor) -> torch.Tensor:
     """(n, h, w) -> (n, h+1, w+1): the largest of the 2x2 cells each block of `_blocks` reads (the map padded by
-    one replicated cell), from shifted maxima; ~1.7x faster on CPU than padding and taking four shifted views."""
+    one replicated cell), from shifted maxima, which is faster on CPU than padding and taking four shifted views."""
     rows = torch.cat([maps[:, :1], torch.maximum(maps[:, :-1], maps[:, 1:]), maps[:, -1:]], 1)
     return torch.cat([rows[:, :, :1], torch.maximum(rows[:, :, :-1], rows[:, :, 1:]), rows[:, :, -1:]], 2)
 
@@ -90,8 +90,8 @@ def _corner_max(maps: torch.Tensor) -> torch.Tensor:
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of (..., h, w) maps to (..., H, W), as F.interpolate computes it.
 
-    Bilinear interpolation is separable, so it is two small matrix products, Wy · A · Wxᵀ: about 5x faster on
-    CPU than `upsample_bilinear2d` for dissection's many small maps; equal to it within float rounding (~5e-7).
+    Bilinear interpolation is separable, so it is two small matrix products, Wy · A · Wxᵀ: faster on CPU than
+    `upsample_bilinear2d` for dissection's many small maps (bench/README.md), equal to it within float rounding.
     """
     wy = _linear_weights(acts.shape[-2], size[0], str(acts.device))
     wx = _linear_weights(acts.shape[-1], size[1], str(acts.device))

@@ -1,4 +1,4 @@
-"""From an IoU matrix to unit labels (design.md §5): best concept per category and overall, detector flags."""
+"""From an IoU matrix to unit labels (docs/design.md §5): best concept per category and overall, detector flags."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The consistency and specificity metrics of design.md §5, as small functions over streamed statistics.
+"""The consistency and specificity metrics of docs/design.md §5, as small functions over streamed statistics.
 
 - unit consistency pᵀAp over a unit's top-K images of a pool (TopKPool keeps them streaming, bounded memory);
 - representation consistency r = d(φ(x*), μ_s) / (d(φ(x*), μ_s) + d(φ(x*), μ_t));

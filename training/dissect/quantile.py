@@ -150,8 +150,8 @@ class TailSketch:
 
     def update(self, values: torch.Tensor) -> None:
         """Absorb `values` (units, ...): the same number of new observations for every unit. Any view works;
-        a contiguous (units, n) one is fastest (the comparisons and `nonzero` run ~3x faster than on a strided
-        (K, B, h, w) view of activations, more than paying for the copy)."""
+        a contiguous (units, n) one is fastest (the comparisons and `nonzero` run faster than on a strided
+        (K, B, h, w) view of activations, more than paying for the copy; bench/README.md)."""
         if values.dim() < 2 or values.shape[0] != self.units:
             raise InvalidInput("values", f"expected shape ({self.units}, n), got {tuple(values.shape)}")
         n = values[0].numel()
@@ -190,7 +190,7 @@ class TailSketch:
     def update_maps(self, acts: torch.Tensor, peak: torch.Tensor) -> None:
         """Absorb activations (B, units, ...) given each map's maximum `peak` (B, units): the values of every map
         count, but only maps whose maximum reaches its unit's bound are scanned. Once `raise_bound` has lifted the
-        bounds near the answer that is a small share of the maps (~20% on small_cnn), so the comparisons, the
+        bounds near the answer that is a small share of the maps (bench/README.md), so the comparisons, the
         `nonzero` and the tie counts run on that share instead of on every value."""
         images, per_map = peak.shape[0], acts[0, 0].numel()
         if self.bound is None:  # from the first images, as `update` takes it from a prefix
