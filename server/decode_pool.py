@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from conceptlens.handlers.errors import ModelLoading
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
 from .decoding import ImageSpec, plan_images
@@ -33,7 +34,9 @@ LIGHT_PIXELS = 1024 * 1024  # images up to this area decode in ~10-20 ms on one 
 class _Call:
     """One request's decode work: steps still to run, how many run now, and how it ends."""
 
-    def __init__(self, deadline: float | None, finish: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, deadline: float | None, finish: Callable[[BaseException | None], None],
+                 closing: threading.Event) -> None:
+        self.closing = closing
         self.steps: deque[tuple[Callable[[], None], bool]] = deque()  # (step, heavy)
         self.deadline = deadline
         self.finish = finish
@@ -45,6 +48,8 @@ class _Call:
     def stopped(self) -> bool:
         if self.error is None and self.deadline is not None and time.monotonic() >= self.deadline:
             self.error = DeadlineExpired("the deadline passed while the request's images were being decoded")
+        if self.error is None and self.closing.is_set():
+            self.error = ModelLoading("the server is stopping; retry on another replica")
         return self.cancelled or self.error is not None
 
 
@@ -58,6 +63,7 @@ class DecodePool:
         self._ready: deque[_Call] = deque()
         self._lock = threading.Condition()
         self._closed = False
+        self._closing = threading.Event()
         self._threads = [threading.Thread(target=self._work, name=f"decode-{i}", daemon=True) for i in range(threads)]
         for thread in self._threads:
             thread.start()
@@ -75,7 +81,7 @@ class DecodePool:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
                 loop.call_soon_threadsafe(_settle, future, error, result.get("out"))
 
-        call = _Call(deadline, finish)
+        call = _Call(deadline, finish, self._closing)
 
         def plan() -> None:
             planned = plan_images(images, spec, max_pixels=max_pixels, max_request_pixels=max_request_pixels)
@@ -98,14 +104,19 @@ class DecodePool:
             raise
 
     def close(self) -> None:
-        """Stop the threads after the steps they are running; queued calls are dropped."""
+        """Stop the threads after the steps they are running; calls still waiting fail UNAVAILABLE."""
         with self._lock:
             self._closed = True
+            self._closing.set()
+            waiting = [call for call in self._ready if call.running == 0]
             for call in self._ready:
-                call.cancelled = True
+                call.stopped()  # records the error
                 call.steps.clear()
             self._ready.clear()
             self._lock.notify_all()
+        for call in waiting:  # the others are finished by their thread when its step ends
+            if not call.cancelled:
+                call.finish(call.error)
 
     # --- the threads ----------------------------------------------------------------------------------------
 

@@ -133,3 +133,29 @@ def test_heavy_requests_do_not_starve_a_normal_client(roomy, big_png):
     assert after < 1.0, f"a small Predict took {after:.2f} s after the heavy load stopped"
     print(f"normal Predict latency beside heavy decoding: max {max(normal_latency):.2f} s, "
           f"median {sorted(normal_latency)[len(normal_latency) // 2]:.2f} s; heavy calls: {len(heavy_codes)}")
+
+
+def test_closing_the_pool_ends_waiting_and_running_calls(big_png):
+    """Server stop closes the decode pool: calls still waiting or mid-way fail UNAVAILABLE (ModelLoading) at
+    once instead of hanging, and their remaining images are not decoded."""
+    import asyncio
+
+    from conceptlens.handlers.errors import ModelLoading
+    from conceptlens.server.decode_pool import DecodePool
+    from conceptlens.server.decoding import ImageSpec
+    from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+
+    async def run() -> list[object]:
+        pool = DecodePool(threads=2)
+        images = [pb.Image(encoded=big_png)] * 4
+        calls = [asyncio.ensure_future(pool.decode(images, ImageSpec(SIZE), max_pixels=BIG * BIG,
+                                                   max_request_pixels=None, deadline=None)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        start = time.monotonic()
+        pool.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=10)
+        return [time.monotonic() - start, *outcomes]
+
+    took, *outcomes = asyncio.run(run())
+    assert all(isinstance(o, ModelLoading) for o in outcomes), outcomes
+    assert took < 3.0  # at most the images already being decoded finish
