@@ -33,7 +33,7 @@ def repo(bundle_dir, tmp_path_factory):
 def first(repo):
     """The server already running: gRPC and metrics on free ports, sharing allowed (so only a second server's
     own flag decides whether it may share)."""
-    with BackgroundServer(config(repo, reuse_port=True)) as server:
+    with BackgroundServer(config(repo, reuse_port=True, probe_processes=0)) as server:
         yield server
 
 
