@@ -1,6 +1,7 @@
 """Bounded shutdown: SIGTERM with an Explain in flight that would run for a minute ends the process within
 --grace + 2 s, by itself (exit 0: the trace stopped at its next check, not the watchdog's exit 1), and the caller
-gets UNAVAILABLE."""
+gets UNAVAILABLE. A probe running on a server thread (--probe-workers 0) checks only its deadline: the process
+still ends within the same bound (it exits without waiting for that thread)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 GRACE = 1.0
 
 
+def start_server(repo, log, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1",
+           "--port", "0", "--poll", "0", "--grace", str(GRACE), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
 @pytest.mark.slow
 def test_sigterm_exits_within_grace_with_a_heavy_explain_in_flight(bundle_dir, tmp_path):
     repo = make_repo(tmp_path / "repo", bundle_dir)
     log = (tmp_path / "server.log").open("w+")
-    cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(repo), "--host", "127.0.0.1",
-           "--port", "0", "--poll", "0", "--grace", str(GRACE)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = start_server(repo, log)
     try:
         line = proc.stdout.readline()
         assert "listening on port" in line, line
@@ -45,6 +50,41 @@ def test_sigterm_exits_within_grace_with_a_heavy_explain_in_flight(bundle_dir, t
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
             took = time.monotonic() - start
+            assert future.exception(timeout=10).code() == grpc.StatusCode.UNAVAILABLE
+        log.seek(0)
+        assert code == 0, log.read()
+        assert took <= GRACE + 2.0, f"exited {took:.2f}s after SIGTERM with --grace {GRACE}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_within_grace_with_a_probe_on_a_server_thread(bundle_dir, tmp_path):
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    log = (tmp_path / "server.log").open("w+")
+    proc = start_server(repo, log, "--probe-workers", "0")
+    try:
+        line = proc.stdout.readline()
+        assert "listening on port" in line, line
+        port = int(line.rsplit(" ", 1)[1])
+        # 8 images x 200 steps x 5 restarts of PGD on a server thread: far longer than the grace
+        request = pb.ProbeRequest(model="small", attack=pb.AttackSpec(
+            kind=pb.AttackSpec.PGD, epsilon=8 / 255, steps=200, restarts=5), images=[
+            pb.Image(tensor=pb.Tensor(shape=[3, SIZE, SIZE], dtype=pb.Tensor.FLOAT32, data=x.tobytes()))
+            for x in tensors(8, seed=3)])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ConceptLensStub(channel)
+            stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            future = stub.Probe.future(request, timeout=300)
+            time.sleep(1.5)
+            assert not future.done(), "the probe finished before SIGTERM; make it heavier"
+            begin = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+            took = time.monotonic() - begin
             assert future.exception(timeout=10).code() == grpc.StatusCode.UNAVAILABLE
         log.seek(0)
         assert code == 0, log.read()
