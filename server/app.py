@@ -2,8 +2,9 @@
 and one entry per model: `models/<name>`), server reflection, TLS / mTLS, interceptors, Prometheus exposition,
 repository polling, and a graceful stop: SIGTERM flips health to NOT_SERVING, refuses new calls, lets in-flight
 calls finish within `grace_s`, then cancels the rest (their traces stop at the next check, probe workers are
-terminated) and returns so the process exits 0. A watchdog exits the process (status 1) if that still takes more
-than `grace_s` + SHUTDOWN_SLACK_S, whatever is running: Kubernetes would otherwise SIGKILL it.
+terminated) and returns; `conceptlens serve` then ends the process at once (server/cli.py), without waiting for
+executor threads still busy. A watchdog exits the process (status 1) if stopping itself takes more than
+`grace_s` + SHUTDOWN_SLACK_S: Kubernetes would otherwise SIGKILL it.
 
 Admission (docs/design.md, serving under overload): each expensive method has its own limit of calls in flight
 (BatchConfig.max_inflight, enforced by AdmissionInterceptor with a retry hint); the grpc.aio server's
@@ -202,9 +203,9 @@ async def serve(config: ServerConfig) -> int:
 
 
 def _exit_after(seconds: float) -> None:
-    """Start a daemon thread that ends the process after `seconds` if it has not exited by then: a batch inside
-    one ONNX Runtime call or a probe stuck in C code cannot be interrupted, and the executor threads running them
-    would keep the interpreter from exiting."""
+    """Start a daemon thread that ends the process after `seconds` if it has not exited by then: a step of
+    stop() that hangs (a probe worker that ignores SIGTERM, a servicer close stuck behind a thread) must not keep
+    the process past its grace."""
 
     def watchdog() -> None:
         threading.Event().wait(seconds)
