@@ -18,6 +18,9 @@ class InvalidInput(ConceptLensError, ValueError):
         self.field = field
         self.problem = problem
 
+    def __reduce__(self) -> tuple:  # pickled by its fields (errors cross the probe workers' pipe as they are)
+        return type(self), (self.field, self.problem)
+
 
 class UnknownName(ConceptLensError, LookupError):
     """A name (architecture, layer, attack, model, dataset...) that is not registered."""
@@ -29,6 +32,9 @@ class UnknownName(ConceptLensError, LookupError):
 
     def __str__(self) -> str:  # LookupError would quote the message
         return self.args[0]
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.kind, self.name, self.valid)
 
 
 class BundleError(ConceptLensError):

@@ -1,4 +1,4 @@
-"""Robustness probes (design.md §7, issue 6): does a prediction flip under attack, at what ε, and why.
+"""Robustness probes (docs/design.md §7, issue 6): does a prediction flip under attack, at what ε, and why.
 
 A probe runs one attack of the library (`handlers/attacks`, the same PGD the trainer and `conceptlens evaluate`
 use) on a batch of images, either at a fixed ε or searching each image's minimal flipping ε in a range with
@@ -16,15 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .attacks import FGSM, MIFGSM, PGD, Attack, AttackResult, GhostEnsemble, LogitEnsemble, Square
-from .attacks.base import per_sample
+from .attacks import Attack, AttackParams, AttackResult, attack_kind
 from .attacks.minimal_eps import MinimalEpsilon
 from .backends import ModelRuntime
-from .errors import InvalidInput
 from .trace import TraceOptions, TraceResult, hidden_deltas, trace_image
 
 Check = Callable[[], None]  # raises to abandon the probe (deadline)
@@ -32,9 +31,11 @@ Check = Callable[[], None]  # raises to abandon the probe (deadline)
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """A validated attack request. Exactly one of `eps` (fixed budget) and `eps_range` (search) is set."""
+    """A probe's attack: the one type from the server's request validation (server/probe_validation.py)
+    through the worker pipe to `build_attack`. Exactly one of `eps` (fixed budget) and `eps_range` (search) is
+    set."""
 
-    kind: str  # attack registry name
+    kind: str  # attack catalogue name (handlers/attacks/registry.py)
     norm: str = "linf"
     eps: float | None = 8 / 255
     eps_range: tuple[float, float] | None = None
@@ -45,7 +46,8 @@ class ProbeSpec:
     target: int | None = None  # class index for a targeted attack
     seed: int = 0
     random_start: bool = True  # PGD at a fixed ε; a search always starts at the clean image
-    members: tuple[ModelRuntime, ...] = ()  # ghost-ensemble: other served models added to the ensemble
+    # ghost-ensemble: other served models added to the ensemble (ModelRuntimes; RuntimeRefs while in a pipe)
+    members: tuple[Any, ...] = ()
     ghosts: int = 2  # ghost-ensemble: ghost networks of the probed model
     candidates: int = 8  # minimal-ε search: points of the coarse grid
 
@@ -81,47 +83,19 @@ class ImageProbe:
 
 def build_attack(runtime: ModelRuntime, spec: ProbeSpec, eps: float | torch.Tensor, *, search: bool,
                  check: Check | None = None) -> Attack:
-    """The library attack for `spec` at budget `eps` (a float or per-sample tensor). A search needs a
-    deterministic attack, so PGD then starts at the clean image."""
-    targeted = spec.target is not None
-    alpha = spec.step_size
-    if spec.kind == "square":
-        cls = SquarePerImage if search else Square
-        atk: Attack = cls(onnx_predict(runtime), eps, n_queries=spec.steps, targeted=targeted, seed=spec.seed)
-    elif spec.kind == "fgsm":
-        atk = FGSM(runtime.torch_model, eps, norm=spec.norm, targeted=targeted)
-    elif spec.kind == "pgd":
-        atk = PGD(runtime.torch_model, eps, alpha, spec.steps, norm=spec.norm,
-                  random_start=spec.random_start and not search,
-                  restarts=spec.restarts, targeted=targeted, seed=spec.seed)
-    elif spec.kind == "mifgsm":
-        atk = MIFGSM(runtime.torch_model, eps, alpha, spec.steps, norm=spec.norm, targeted=targeted)
-    elif spec.kind == "ghost-ensemble":
-        atk = GhostEnsemble(runtime.torch_model, eps, alpha, spec.steps, members=spec.ghosts, targeted=targeted,
-                            seed=spec.seed)
-        if spec.members:  # other served models join the ghosts with equal weight; success stays on the probed model
-            atk.source = LogitEnsemble([*atk.source.members, *(m.torch_model for m in spec.members)])
-    else:
-        raise InvalidInput("attack.kind", f"unknown attack kind {spec.kind!r}")
+    """The catalogue's attack for `spec` at budget `eps` (a float or per-sample tensor). A search needs a
+    deterministic attack (`AttackParams.deterministic`): PGD then starts at the clean image, Square draws per
+    image. A black-box kind sees only the ONNX session's logits."""
+    kind = attack_kind(spec.kind)
+    model = onnx_predict(runtime) if kind.black_box else runtime.torch_model
+    params = AttackParams(eps=eps, norm=spec.norm, steps=spec.steps, step_size=spec.step_size,
+                          random_start=spec.random_start, restarts=spec.restarts, targeted=spec.target is not None,
+                          seed=spec.seed, ghosts=spec.ghosts, others=tuple(m.torch_model for m in spec.members),
+                          deterministic=search)
+    atk = kind.build(model, params)
     if check is not None:
         atk.callback = lambda _step: check()
     return atk
-
-
-class SquarePerImage(Square):
-    """Square run one image at a time, each with the same seed: its random squares then depend on the image and ε
-    only, not on which other images share the batch. The minimal-ε search needs such a deterministic attack (with
-    a batch-dependent one its final verification walk can step up and down forever)."""
-
-    def perturb(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        eps = per_sample(self.eps, images).flatten()
-        out = []
-        for i in range(images.shape[0]):
-            one = Square(self.model, float(eps[i]), self.n_queries, p_init=self.p_init, targeted=self.targeted,
-                         seed=self.seed)
-            one.callback = self.callback
-            out.append(one.perturb(images[i : i + 1], labels[i : i + 1], None if target is None else target[i : i + 1]))
-        return torch.cat(out)
 
 
 def onnx_predict(runtime: ModelRuntime) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,7 +117,7 @@ def attack(runtime: ModelRuntime, spec: ProbeSpec, images: torch.Tensor, labels:
     else:
         run = MinimalEpsilon(lambda e: build_attack(runtime, spec, e, search=True, check=check), spec.eps_range,
                              spec.tolerance, spec.candidates, targeted=spec.target is not None)
-    if spec.kind == "square":
+    if attack_kind(spec.kind).black_box:  # ONNX only: no torch model to lock
         return run(images, labels, target)
     with ExitStack() as locks:  # every model whose hooks or flags the attack touches, in a fixed order
         for rt in sorted({id(r): r for r in (runtime, *spec.members)}.values(), key=lambda r: (r.name, r.version)):
@@ -157,7 +131,7 @@ def probe(runtime: ModelRuntime, images: np.ndarray, spec: ProbeSpec, options: T
     many changed units to report; `check` runs between attack steps and between images' traces."""
     clean = runtime.forward(images)
     labels = torch.from_numpy(clean.logits.argmax(1)).long()
-    device = torch.device("cpu") if spec.kind == "square" else runtime.device
+    device = torch.device("cpu") if attack_kind(spec.kind).black_box else runtime.device
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     result = attack(runtime, spec, x, labels.to(device), check)
     adv = result.adv.detach().float().cpu().numpy()

@@ -1,12 +1,14 @@
-"""Work items passed from the servicer to the runners through the batchers (plain data, no torch)."""
+"""Work items passed from the servicer to the runners through the batchers (plain data). A probe's attack is
+the one probe spec type, `handlers.probe.ProbeSpec`, from the request's validation to the attack itself."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from conceptlens.handlers.probe import ProbeSpec
 
 
 @dataclass(frozen=True)
@@ -26,31 +28,11 @@ class ExplainJob:
 
 
 @dataclass(frozen=True)
-class ProbeAttack:
-    """A validated AttackSpec (server/probe_validation.py). Exactly one of `eps` and `eps_range` is set."""
-
-    kind: str  # attack registry name: fgsm, pgd, mifgsm, ghost-ensemble, square
-    norm: str  # linf | l2
-    eps: float | None  # fixed budget, [0,1] pixel units
-    eps_range: tuple[float, float] | None  # minimal-ε search range
-    tolerance: float
-    steps: int  # iterations; Square: queries per image
-    restarts: int
-    step_size: float | None  # None: the attack's default fraction of ε
-    target: int | None  # class index of a targeted attack
-    seed: int
-    random_start: bool
-    members: tuple[Any, ...] = ()  # ghost-ensemble: other served models' runtimes
-    ghosts: int = 2
-    candidates: int = 8
-
-
-@dataclass(frozen=True)
 class ProbeJob:
     """One Probe request's decoded images, validated attack and trace options (see ProbeRequest in the proto)."""
 
     images: np.ndarray  # (n, C, H, W) float32 in [0, 1]
-    attack: ProbeAttack
+    attack: ProbeSpec  # validated by server/probe_validation.py
     layers: tuple[str, ...]  # network order
     top_k_units: int
     candidates: int  # hidden-layer exact Δ re-runs per layer

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from conceptlens.handlers.attacks.registry import attack_kind
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.trace import TraceOptions, TraceResult, trace_image, trace_last_layer
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
@@ -107,7 +108,7 @@ class Runners:
                 results.append(err)
                 continue
             self.metrics.probe_duration.labels(runtime.name, kind).observe(out.seconds)
-            backend = "onnxruntime" if kind == "square" else "torch"
+            backend = "onnxruntime" if attack_kind(kind).black_box else "torch"
             self.metrics.inference.labels(runtime.name, backend).observe(out.seconds)
             messages = [pb.ProbeResult.FromString(data) for data in out.results]
             for item in messages:

@@ -74,3 +74,15 @@ def test_search_rounds_bound_the_attack_calls_of_a_real_search(shapes_model, sha
     passes_per_image = sum(calls) / len(x)  # each call attacks `numel` images
     assert len(calls) <= pv.search_rounds((lo, hi), tol)
     assert passes_per_image <= pv.search_rounds((lo, hi), tol)
+
+
+def test_proto_attack_kinds_are_the_catalogue():
+    """Every AttackKind of the proto but UNSPECIFIED is a catalogue kind and back: the server reads the catalogue."""
+    from conceptlens.handlers.attacks import attack_kinds
+
+    proto = set(pb.AttackSpec.AttackKind.keys()) - {"ATTACK_KIND_UNSPECIFIED"}
+    assert proto == {k.proto_name for k in attack_kinds()}
+    for value, kind in pv.KINDS.items():
+        assert pb.AttackSpec.AttackKind.Name(value) == kind.proto_name
+        spec = pb.AttackSpec(kind=value, epsilon=0.03)
+        assert pv.kind_name(spec) == kind.name and _attack(kind=value, epsilon=0.03).steps == kind.default_steps
