@@ -16,7 +16,10 @@ from grpc_status import rpc_status
 from serving_helpers import SIZE, config, make_repo
 from test_service import _scrape, _value
 
+from conceptlens.cli import build_parser
+from conceptlens.handlers.errors import InvalidInput
 from conceptlens.server.background import BackgroundServer
+from conceptlens.server.cli import build_config
 from conceptlens_client import Client, ServiceError
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
@@ -143,3 +146,15 @@ def test_in_flight_gauge_returns_to_zero(limited):
         for t in threads:
             t.join()
     assert _value(_scrape(server.metrics_port), "conceptlens_requests_in_flight", method="Predict") == 0
+
+
+def test_serve_max_inflight_sets_each_methods_limit(tmp_path):
+    def build(*extra: str):
+        argv = ["serve", "--models", str(tmp_path), *extra]
+        return build_config(build_parser(argv).parse_args(argv))
+
+    cfg = build("--max-inflight", "predict=5", "--max-inflight", "probe=2")
+    assert (cfg.predict.max_inflight, cfg.explain.max_inflight, cfg.probe.max_inflight) == (5, 8, 2)
+    for bad in ("predict", "predict=0", "predict=x", "listmodels=3", "predict=²"):
+        with pytest.raises(InvalidInput, match="--max-inflight"):
+            build("--max-inflight", bad)
