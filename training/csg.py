@@ -1,5 +1,5 @@
-"""Class-specific gates (CSG regime, design.md §5): Liang, Wang, Zhou & Huang, "Training Interpretable Convolutional
-Neural Networks by Differentiating Class-specific Filters", ECCV 2020.
+"""Class-specific gates (CSG regime, docs/design.md §5.2): Liang, Wang, Zhou & Huang, "Training Interpretable
+Convolutional Neural Networks by Differentiating Class-specific Filters", ECCV 2020.
 
 A learnable gate G ∈ [0, 1]^{K×C} (classes × filters of the last conv layer). In a gated step a class-y sample's
 feature maps are multiplied channel-wise by G[y], so each filter is pushed to serve the few classes whose gates
