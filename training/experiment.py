@@ -120,7 +120,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
     from conceptlens.training import config as train_config
     from conceptlens.training import pools as P
-    from conceptlens.training.data.shapes import ShapesWorld
+    from conceptlens.training.data.registry import open_concepts, open_dataset
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -133,11 +133,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     regimes = regime_overrides(cfg)
     base = train_config.load(cfg.base_config, [*common, "attack.name=pgd"])
     size, eps = base.model.input_size, base.attack.eps
-    probe = ShapesWorld(cfg.probe_images, size=size, seed=cfg.probe_seed, with_masks=True)
-    pool_set = ShapesWorld(cfg.pool_images, size=size, seed=cfg.probe_seed + 1)
+    # three disjoint ShapesWorld sets through the one spec grammar (docs/design.md §4.1): the probe set is what
+    # `conceptlens dissect --data shapes:N:SEED` reads (val split), the pool and test sets its other two splits
+    probe, _ = open_concepts(f"shapes:{cfg.probe_images}:{cfg.probe_seed}", size)
+    pool_set = open_dataset(f"shapes:{cfg.pool_images}:{cfg.probe_seed}", "train", size=size)
     pool_x = torch.stack([pool_set[i][0] for i in range(len(pool_set))])
     pool_y = torch.tensor([pool_set[i][1] for i in range(len(pool_set))])
-    test_set = ShapesWorld(cfg.test_images, size=size, seed=cfg.probe_seed + 2)
+    test_set = open_dataset(f"shapes:{cfg.test_images}:{cfg.probe_seed}", "test", size=size)
     test_x = torch.stack([test_set[i][0] for i in range(len(test_set))])
     test_y = torch.tensor([test_set[i][1] for i in range(len(test_set))])
 
