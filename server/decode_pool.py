@@ -60,6 +60,7 @@ class DecodePool:
         self.per_call = max(1, per_call)
         self.heavy_threads = max(1, threads - 1)
         self._heavy_running = 0
+        self._running = 0  # steps being run now
         self._ready: deque[_Call] = deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -102,6 +103,11 @@ class DecodePool:
                 call.cancelled = True
                 call.steps.clear()
             raise
+
+    def pending(self) -> int:
+        """Images (and header checks) queued or being decoded now, over all calls."""
+        with self._lock:
+            return sum(len(call.steps) for call in self._ready) + self._running
 
     def close(self) -> None:
         """Stop the threads after the steps they are running; calls still waiting fail UNAVAILABLE."""
@@ -146,6 +152,7 @@ class DecodePool:
                 call.queued = False
                 step, heavy = call.steps.popleft() if call.steps and not call.stopped() else (None, False)
                 call.running += 1
+                self._running += step is not None
                 self._heavy_running += heavy
                 self._enqueue(call)  # more of its steps may run beside this one, up to per_call
             if step is not None:
@@ -156,6 +163,7 @@ class DecodePool:
                         call.error = call.error or err
             with self._lock:
                 call.running -= 1
+                self._running -= step is not None
                 self._heavy_running -= heavy
                 if heavy:
                     self._lock.notify_all()  # a waiting thread may take a heavy step now

@@ -123,8 +123,12 @@ def test_heavy_requests_do_not_starve_a_normal_client(roomy, big_png):
             stop.set()
             for future in futures:
                 future.result()
-        # once the heavy calls are gone their decode work is gone too: a small Predict is quick again
-        time.sleep(1.0)
+        # once the heavy calls are gone their decode work is gone too (not just overtaken by small images)
+        pool = roomy.servicer._decoder
+        drained = time.monotonic() + 5.0
+        while pool.pending() and time.monotonic() < drained:
+            time.sleep(0.05)
+        assert pool.pending() == 0, f"{pool.pending()} images still to decode for calls that have ended"
         start = time.monotonic()
         client.predict([small], "small")
         after = time.monotonic() - start
