@@ -33,7 +33,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KIND = "mahalanobis"
+DEFAULT_KIND = "mahalanobis*0.7+max_softmax*0.3"  # the best of `conceptlens experiment detectors` on models/shapes/1
 DEFAULT_FPR = 0.05
 DEFAULT_CALIBRATION = "shapes:900:1000"  # val split: ShapesWorld seed 3001, never a training or dissection seed
 

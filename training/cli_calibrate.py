@@ -10,17 +10,19 @@ from conceptlens.handlers.errors import InvalidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from conceptlens.training.calibrate import DEFAULT_KIND
+
     parser.description = (
         "Add (or refit) the adversarial detector of an existing bundle: a Mahalanobis detector on the traced "
-        "layer's pooled activations by default, standardised per class and thresholded for a stated clean "
+        "layer's pooled activations plus max-softmax by default, standardised and thresholded for a stated clean "
         "false-positive rate on held-out clean images. Writes detector.safetensors and the manifest's "
         "adversarial_detector entry; the other files and their hashes are untouched. `conceptlens export` does "
         "the same for new bundles."
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory, e.g. models/shapes/1")
-    parser.add_argument("--kind", default="mahalanobis",
-                        help="detector components joined by '+': mahalanobis, max_softmax, plausibility "
-                             "(default mahalanobis)")
+    parser.add_argument("--kind", default=DEFAULT_KIND,
+                        help="detector components joined by '+', each optionally weighted ('*0.3'): mahalanobis, "
+                             f"max_softmax, plausibility (default {DEFAULT_KIND})")
     parser.add_argument("--fpr", type=float, default=0.05, help="clean false-positive rate to calibrate for (0.05)")
     parser.add_argument("--layer", help="traced layer for the Mahalanobis part (default: the head's layer)")
     parser.add_argument("--fit", help="dataset spec the class means are fitted on, train split (default: the "

@@ -26,9 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dissection", type=Path, help="report directory of `conceptlens dissect` (unit labels)")
     parser.add_argument("--layers", help="comma-separated layers to trace (default: dissected or default layers)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--detector", default="mahalanobis",
-                        help="adversarial detector fitted and calibrated into the bundle (components joined by '+': "
-                             "mahalanobis, max_softmax, plausibility; 'none' leaves it out; default mahalanobis)")
+    parser.add_argument("--detector", default="mahalanobis*0.7+max_softmax*0.3",
+                        help="adversarial detector fitted and calibrated into the bundle (components joined by '+', "
+                             "optionally weighted: mahalanobis, max_softmax, plausibility; 'none' leaves it out; "
+                             "default mahalanobis*0.7+max_softmax*0.3, the best measured on models/shapes/1)")
     parser.add_argument("--fpr", type=float, default=0.05,
                         help="clean false-positive rate the detector's threshold is calibrated for (default 0.05)")
     parser.add_argument("--calibration", default="shapes:900:1000",

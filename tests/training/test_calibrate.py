@@ -37,7 +37,7 @@ def test_the_calibrated_threshold_gives_its_false_positive_rate_on_held_out_imag
     bundle = load_bundle(calibrated)  # hashes (the new file's too), schema and the ONNX check pass
     runtime = ModelRuntime(bundle, device="cpu")
     detector = detector_for(runtime)
-    assert detector.kind == "mahalanobis" and detector.target_fpr == 0.1
+    assert detector.kind == "mahalanobis*0.7+max_softmax*0.3" and detector.target_fpr == 0.1
     images, _ = dataset_images("shapes:600:2000", "test", bundle.manifest.input.size)  # never fitted nor calibrated
     out = runtime.forward(images)
     flags = detector.flags(detector.score(out.logits, out.activations[detector.layer].mean(axis=(2, 3))))
