@@ -12,7 +12,7 @@ STUBS := clients/python/conceptlens_client/v1/conceptlens_service_pb2.py
 OIP_PROTO := proto/kserve/v2/grpc_predict_v2.proto
 OIP_STUBS := clients/python/conceptlens_client/kserve/v2/grpc_predict_v2_pb2.py
 
-.PHONY: test serve proto lint default-model clean-venv
+.PHONY: test test-fast serve proto lint default-model clean-venv
 
 # The environment is made once and remade only when the requirements change.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml clients/python/pyproject.toml
@@ -53,6 +53,11 @@ serve: $(STUBS) $(OIP_STUBS)
 test: $(STUBS) $(OIP_STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked `slow` (the costliest, by a per-test CPU-time run). `make test` stays
+# the whole suite, and is what CI runs.
+test-fast: $(STUBS) $(OIP_STUBS)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Rebuild the embedded default bundle models/shapes/1 from scratch (about 15 min of training on 2 CPU cores):
 # consistent-loss training, Network Dissection on 1000 held-out ShapesWorld images (+ adversarial versions), export.

@@ -48,6 +48,7 @@ def test_client_explain_json_piped_to_head_is_quiet(server, png):
     assert done.stderr.strip() in ("status 0", "status 141"), done.stderr
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_conceptlens_data_json_into_a_closed_pipe_is_quiet(tmp_path):
     done = _into_closed_pipe([str(BIN / "conceptlens"), "data", "shapes", "--out", "shapes", "--n", "3", "--json",
                               "--no-progress"], cwd=tmp_path)

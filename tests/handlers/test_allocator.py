@@ -39,6 +39,7 @@ def _child(mode: str, **env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_tuned_process_reuses_freed_tensor_memory():
     plain, tuned = _child("plain"), _child("tune")
     assert tuned["tuned"] is True
@@ -47,5 +48,6 @@ def test_tuned_process_reuses_freed_tensor_memory():
     assert tuned["faults"] < plain["faults"] / 10, (plain, tuned)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_operator_settings_are_left_alone():
     assert _child("tune", MALLOC_MMAP_THRESHOLD_="65536")["tuned"] is False

@@ -167,6 +167,7 @@ def test_projection_and_random_start_stay_in_ball_per_sample(step_cls) -> None:
 
 
 @pytest.mark.parametrize("cls", [PGD, MIFGSM])
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_success_rate_grows_with_eps(cls, shapes_model, clean) -> None:
     images, labels = clean
     rates = [cls(shapes_model, eps=e, steps=5)(images, labels).success.float().mean().item()
@@ -199,6 +200,7 @@ def test_restarts_keep_the_best_result_per_sample(shapes_model, clean) -> None:
 
 
 @pytest.mark.parametrize("kind", ["pgd", "mifgsm", "ghost-ensemble"])
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_targeted_attack_reaches_target(kind: str, shapes_model, clean) -> None:
     images, labels = clean
     target = (labels + 1) % len(SHAPES_CLASSES)
@@ -207,6 +209,7 @@ def test_targeted_attack_reaches_target(kind: str, shapes_model, clean) -> None:
     assert result.success.float().mean() >= 0.9
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_ensemble_attack_fools_every_member(shapes_model, shapes_model_b, clean) -> None:
     images, labels = clean
     atk = EnsembleAttack([shapes_model, shapes_model_b], weights=[1, 1], eps=32 / 255, steps=10)
@@ -259,6 +262,7 @@ def test_ghost_hooks_removed_when_forward_raises(shapes_model) -> None:
     assert _hooks(shapes_model) == 0
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_ghost_network_of_a_torchvision_resnet() -> None:
     for arch, blocks in (("resnet18", 8), ("resnet50", 16)):
         model = build_model(arch, ["a", "b"], input_size=32).eval()
@@ -278,6 +282,7 @@ def test_ghost_network_of_a_torchvision_resnet() -> None:
 # --- minimal ε -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_minimal_eps_flips_at_eps_not_below(shapes_model, clean) -> None:
     images, labels = clean[0][:8], clean[1][:8]
     tol = 1 / 255
@@ -332,6 +337,7 @@ class GradientFree(nn.Module):
         return _NoBackward.apply(self.model(x))
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_square_succeeds_without_gradients(shapes_model, clean) -> None:
     images, labels = clean
     blackbox = GradientFree(shapes_model)
@@ -343,6 +349,7 @@ def test_square_succeeds_without_gradients(shapes_model, clean) -> None:
     assert result.success.float().mean() >= 0.5
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_square_takes_a_plain_function_and_is_reproducible(shapes_model, clean) -> None:
     images, labels = clean
     first = Square(shapes_model, eps=EPS, n_queries=20, seed=3)(images, labels)

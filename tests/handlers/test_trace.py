@@ -73,6 +73,7 @@ def test_plausibility_weighs_concepts_by_influence():
     assert plausibility(types.SimpleNamespace(manifest=types.SimpleNamespace(cooccurrence={})), units, "car") is None
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_hidden_layer_inside_a_torchvision_block_matches_a_full_rerun(tmp_path):
     """layer3.0.bn1 feeds an in-place ReLU: the trace must still see (and ablate) the unmodified activation."""
     from conceptlens.handlers.backends import ModelRuntime

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _loaded(module: str) -> set[str]:
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
@@ -15,6 +17,7 @@ def _loaded(module: str) -> set[str]:
     return set(json.loads(out.stdout))
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_server_holds_torch_but_not_training() -> None:
     loaded = _loaded("conceptlens.server.app")
     assert "torch" in loaded

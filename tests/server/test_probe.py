@@ -37,6 +37,10 @@ from conceptlens_client import Client
 from conceptlens_client.cli import main as client_main
 from conceptlens_client.client import ServiceError
 
+# Real servers with probe worker processes (each imports torch and loads the bundles): the costliest module of the
+# suite, left out of `make test-fast`; tests/handlers/test_probe_unit.py tests probe() directly there.
+pytestmark = pytest.mark.slow
+
 LIMITS = Limits(max_images=8, max_probe_images=8, max_probe_work=30_000, max_message_bytes=4 << 20)
 LAYERS = ["layer1", "layer2", "layer3"]
 CONCEPTS = ["wheel", "window", "leaf", "sail", "red", "stripes"]

@@ -29,6 +29,7 @@ def broden(tmp_path_factory) -> Path:
                         val_fraction=0.0, progress=False)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_dissect_then_export_carries_the_unit_labels_into_the_bundle(run_dir, broden, tmp_path, capsys):
     report = tmp_path / "report"
     code = main(["dissect", "--model", str(run_dir), "--data", str(broden), "--layers", "layer2,layer3",

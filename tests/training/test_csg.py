@@ -54,6 +54,7 @@ def test_the_gate_multiplies_each_sample_by_its_class_row_and_is_removed_afterwa
     assert torch.allclose(after, plain)  # the hook is gone
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_gating_happens_in_training_only(tmp_path):
     overrides = ["data.train=shapes:32", "data.val=shapes:16", "data.batch_size=16", "model.input_size=32",
                  "run.epochs=2", "attack.name=none", "eval.robust_n=0", "run.progress=false",

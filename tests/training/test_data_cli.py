@@ -19,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), "data", "shapes", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_writes_broden_layout_the_reader_loads(tmp_path):
     out = tmp_path / "shapes"
     done = _run("--out", str(out), "--n", "30", "--size", "32", "--seed", "3", "--json", "--no-progress")
@@ -34,6 +35,7 @@ def test_writes_broden_layout_the_reader_loads(tmp_path):
     assert image.shape == (3, 32, 32) and label == 0 and masks["object"].max() > 0
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_bad_input_from_the_shell_is_one_line_and_exit_2(tmp_path):
     target = tmp_path / "a_file"
     target.write_text("x")

@@ -94,6 +94,7 @@ def zoo_capture(model, layer):
 
 @pytest.mark.parametrize(("layer", "cache", "chunk_bytes"), [("layer1", False, 1), ("layer3", True, 1),
                                                              ("layer3", True, 32 << 20)])
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_streaming_dissection_matches_exact_in_memory_computation(layer, cache, chunk_bytes, tmp_path):
     torch.manual_seed(0)
     data = ShapesWorld(40, size=SIZE, seed=2, with_masks=True)
@@ -130,6 +131,7 @@ class _SolidColourFirst(torch.utils.data.Dataset):
         return image, label, masks
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_unrepresentative_first_chunk_falls_back_to_the_full_sketch_and_stays_exact(tmp_path, caplog):
     # The first chunk (one batch: chunk_bytes=1) is two all-red images: the colour unit's tail bound from it lies
     # above its final T_k.
@@ -177,6 +179,7 @@ def test_separable_upsample_equals_bilinear_interpolate(src, dst):
     torch.testing.assert_close(upsample(a, dst), expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_cache_that_would_fill_the_disk_is_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
     import shutil
     from collections import namedtuple
@@ -213,6 +216,7 @@ def test_block_sparse_counts_equal_dense_bilinear_counts(src, dst):
     torch.testing.assert_close(acc.mask_pixels[:, 0], on.double().sum((0, 2, 3)), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_cached_candidate_maps_give_the_same_dissection_as_rerunning_the_model(tmp_path):
     """Pass 1 caches only the maps whose maximum tops the tail sketch's (rising) bound; pass 2 from that cache must
     count exactly what rerunning the model counts, chunk by chunk (chunk_bytes=1: one chunk per batch)."""

@@ -35,6 +35,7 @@ def test_clean_accuracy_overall_and_per_class(setup) -> None:
     assert sum(r["n"] for r in result["per_class"].values()) == 40
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_robust_accuracy_under_pgd(setup) -> None:
     model, data = setup
     strong = evaluate(model, data, eps=0.5, steps=5, robust_n=24, batch_size=16)
@@ -45,6 +46,7 @@ def test_robust_accuracy_under_pgd(setup) -> None:
     assert tiny["robust_accuracy"] == pytest.approx(clean_prefix)  # a negligible budget changes nothing
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_reproducible_and_leaves_global_rng_alone(setup) -> None:
     model, data = setup
     torch.manual_seed(123)

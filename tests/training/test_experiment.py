@@ -65,6 +65,7 @@ def _row(seed: int, shift: float) -> dict:
             "shared_pool_target_hit": 0.05, "seed": seed, "train_seconds": 1.0}
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_summary_tables_and_figures_from_per_seed_rows(tmp_path):
     """The statistics plumbing without training: a regime whose units are 0.2 more consistent is "better" on
     consistency, identical ones give "no measurable difference", and the markdown and figures are written."""

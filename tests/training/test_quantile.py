@@ -116,6 +116,7 @@ def test_map_screened_updates_count_and_answer_like_full_updates():
     assert torch.equal(screened.quantile(0.995), expected) and torch.equal(full.quantile(0.995), expected)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_tail_sketch_keeps_the_full_sketchs_error_through_compactions():
     gen = torch.Generator().manual_seed(5)
     k, units = 128, 3

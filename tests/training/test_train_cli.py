@@ -45,6 +45,7 @@ def test_resume_refuses_new_options(tmp_path: Path, capsys) -> None:
     assert "--epochs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_train_then_evaluate_json(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert main(["train", *TINY, "--attack", "none", "--out", str(run), "--json"]) == 0

@@ -37,6 +37,7 @@ def records(run: Path, kind: str) -> list[dict]:
         (["loss.consistency_weight=2", "loss.distance=cosine"], "consistent"),
     ],
 )
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_three_regimes_log_every_term(tmp_path: Path, overrides: list[str], regime: str) -> None:
     config = tiny(*overrides)
     assert config.regime == regime
@@ -90,6 +91,7 @@ def test_bad_data_spec_fails_before_training(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "ghost-ensemble"])
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_other_library_attacks_make_x_star(tmp_path: Path, attack: str) -> None:
     run = train(tiny(f"attack.name={attack}", "attack.ghost_members=2", "data.train=shapes:32"), tmp_path / "run")
     steps = records(run, "step")
