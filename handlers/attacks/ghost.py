@@ -34,6 +34,14 @@ def residual_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     return found
 
 
+def additive_blocks(model: nn.Module) -> list[nn.Module]:
+    """Blocks whose output is input + branch(input) with no operation after the sum: timm's inverted residuals
+    (EfficientNet, MobileNet: `has_skip`) and ConvNeXt blocks (identity `shortcut`). Their skip is eroded as
+    out - (1 - λ)·input = λ·input + branch(input)."""
+    return [m for m in model.modules() if getattr(m, "has_skip", False) is True
+            or (isinstance(getattr(m, "shortcut", None), nn.Identity) and hasattr(m, "drop_path"))]
+
+
 class GhostNetwork(nn.Module):
     """A randomly eroded view of `model`, freshly drawn at every forward pass.
 
@@ -61,7 +69,8 @@ class GhostNetwork(nn.Module):
             raise InvalidInput("dropout_keep", f"must lie in (0, 1], got {dropout_keep}")
         self.model, self.skip_erosion, self.seed = model, skip_erosion, seed
         self.blocks = residual_blocks(model) if skip_erosion > 0 else []
-        if not self.blocks and dropout_keep is None:
+        self.additive = additive_blocks(model) if skip_erosion > 0 else []
+        if not self.blocks and not self.additive and dropout_keep is None:
             log.info("ghost network: no residual blocks to erode in %s; using dropout erosion", type(model).__name__)
             dropout_keep = 0.99
         self.dropout_keep = dropout_keep
@@ -89,16 +98,22 @@ class GhostNetwork(nn.Module):
                 )
                 for handle in hooks:
                     stack.callback(handle.remove)
+            for block in self.additive:
+                lam = {}
+                hooks = (block.register_forward_pre_hook(self._draw_skip(lam, None)),
+                         block.register_forward_hook(lambda _m, i, out, lam=lam: out - (1 - lam["v"]) * i[0]))
+                for handle in hooks:
+                    stack.callback(handle.remove)
             if self.dropout_keep is not None and self.dropout_keep < 1:
                 for module in self.model.modules():
                     if isinstance(module, nn.Conv2d):
                         stack.callback(module.register_forward_hook(self._dropout).remove)
             yield
 
-    def _draw_skip(self, lam: dict[str, torch.Tensor], channels: int) -> Callable:
+    def _draw_skip(self, lam: dict[str, torch.Tensor], channels: int | None) -> Callable:
         def pre_hook(_module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]
-            u = self._rand((1, channels, 1, 1), x)
+            u = self._rand((1, x.shape[1] if channels is None else channels, 1, 1), x)
             lam["v"] = 1 - self.skip_erosion + 2 * self.skip_erosion * u
 
         return pre_hook
