@@ -5,7 +5,9 @@ the traceback goes to the log, never to the client.
 Every mapped error carries a `google.rpc.BadRequest` (field + problem) or `ErrorInfo` detail via grpc_status.
 Overload refusals (Overloaded) also carry a `google.rpc.RetryInfo` and the `grpc-retry-pushback-ms` trailer that
 gRPC's own retry policy obeys (gRFC A6); other RESOURCE_EXHAUSTED refusals (work caps, reply size) carry a
-pushback of -1, which tells a retrying client not to retry what would fail again.
+pushback of -1, which tells a retrying client not to retry what would fail again; so do errors whose class sets
+`retry_safe = False` (a probe whose worker process died may have killed it, and an automatic retry would kill the
+next worker too).
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def to_status(err: BaseException, method: str = "") -> grpc.Status:
         retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(retry)
         pushback = str(max(1, round(err.retry_after_s * 1000)))
-    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        pushback = "-1"  # a work cap: the same request would fail again
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED or not getattr(err, "retry_safe", True):
+        pushback = "-1"  # a work cap, or a request that may itself have caused the failure: do not retry it
     proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     status = rpc_status.to_status(proto)
     if pushback is None:

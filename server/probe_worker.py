@@ -48,7 +48,10 @@ HANG_GRACE_S = 5.0  # a worker this long past its probe's deadline is stuck in o
 
 class ProbeWorkerLost(ModelLoading):
     """The process running a probe exited under it (killed, out of memory). UNAVAILABLE: a new worker is
-    starting, and a retry runs on it."""
+    starting, and a retry runs on it; but the probe itself may have killed the worker, so gRPC's automatic retry
+    is told not to repeat it (the caller decides)."""
+
+    retry_safe = False
 
 
 class _Worker:
