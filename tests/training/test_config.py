@@ -42,7 +42,7 @@ def test_shipped_configs_are_the_three_regimes(name: str) -> None:
 @pytest.mark.parametrize(
     ("override", "error", "named"),
     [
-        ("model.arch=alexnet", UnknownName, "small_cnn"),
+        ("model.arch=not_an_arch", UnknownName, "small_cnn"),
         ("optim.name=lbfgs", UnknownName, "adamw"),
         ("optim.schedule=linear", UnknownName, "onecycle"),
         ("attack.name=cw", UnknownName, "pgd"),

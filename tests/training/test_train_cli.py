@@ -16,7 +16,7 @@ TINY = ["--data", "shapes:32", "--val-data", "shapes:16", "--batch-size", "16", 
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--arch", "alexnet"], "small_cnn"),
+        (["--arch", "not_an_arch"], "small_cnn"),
         (["--layers", "layer9"], "layer3"),
         (["--optimizer", "rmsprop"], "adamw"),
         (["--schedule", "poly"], "cosine"),
