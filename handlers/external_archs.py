@@ -128,6 +128,19 @@ def _derive_torchvision(model_name: str) -> Derived:
     return Derived(build, stages, head, default_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def _probe_pass(net: nn.Module, size: int, record: Callable[[str, object], None]) -> None:
+    """One forward pass of a random image with `record(name, output)` called for every module that could be a
+    stage, in the order they finish; the hooks are removed whatever happens."""
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: record(n, out))
+               for n, m in net.named_modules() if n and not isinstance(m, _NOT_A_STAGE)]
+    try:
+        with torch.no_grad():
+            net(torch.rand(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _torchvision_stages(net: nn.Module, size: int) -> tuple[str, ...]:
     """One probe pass, then a walk down from the root: a module whose direct children output (N, C, H, W) maps
     at several resolutions (`features`, the root of a resnet) is walked into; any other module with such an
@@ -142,14 +155,7 @@ def _torchvision_stages(net: nn.Module, size: int) -> tuple[str, ...]:
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
             out_res[name] = tuple(out.shape[-2:])
 
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: record(n, out))
-               for n, m in net.named_modules() if n and not isinstance(m, _NOT_A_STAGE)]
-    try:
-        with torch.no_grad():
-            net(torch.rand(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
+    _probe_pass(net, size, record)
     blocks: list[str] = []
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -201,14 +207,7 @@ def _pre_pool_layer(net: nn.Module, last_stage: str, head: str, size: int) -> st
     if not isinstance(linear, nn.Linear):
         return ""
     order: list[tuple[str, torch.Tensor]] = []
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: order.append((n, out)))
-               for n, m in net.named_modules() if n and not isinstance(m, _NOT_A_STAGE)]
-    try:
-        with torch.no_grad():
-            net(torch.rand(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
+    _probe_pass(net, size, lambda name, out: order.append((name, out)))
     names = [n for n, _ in order]
     if last_stage not in names:
         return ""
