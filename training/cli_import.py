@@ -22,12 +22,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from conceptlens.handlers.errors import InvalidInput
+
+from .atomic_dir import replace_dir
 
 IMPORT_REGIME = "imported"
 
@@ -131,18 +131,9 @@ def import_run(
         "imported": {"weights": str(Path(weights).resolve()), "sha256": sha256_file(Path(weights)),
                      "replaced_head": fresh, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_dir(out) as tmp:
         zoo.save_weights(model, tmp / WEIGHTS_FILE)
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

@@ -13,10 +13,7 @@ import copy
 import datetime as dt
 import json
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +26,8 @@ from conceptlens.handlers import bundle as B
 from conceptlens.handlers.errors import InvalidInput
 from conceptlens.handlers.hooks import capture
 from conceptlens.handlers.zoo import ImageClassifier, resolve_layer, save_weights
+
+from .atomic_dir import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +91,7 @@ def export_bundle(
         raise InvalidInput("layers", f"must be unique and not logits/images: {layers}")
 
     cpu_model = copy.deepcopy(model).cpu().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by the server's user
+    with replace_dir(out) as tmp:
         _write_onnx(cpu_model, layers, tmp / B.ONNX_FILE)
         save_weights(cpu_model, tmp / B.WEIGHTS_FILE)
         probe = torch.rand(3, len(cpu_model.mean.flatten()), cpu_model.input_size, cpu_model.input_size,
@@ -132,12 +128,6 @@ def export_bundle(
             calibrate_bundle(tmp, **dict(detector))
         for file in tmp.iterdir():
             file.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote bundle %s v%s to %s", name, version, out)
     return out
 
