@@ -50,6 +50,7 @@ def test_dashboard_json():
     assert all(t["datasource"]["uid"] == "${datasource}" for p in dash["panels"] for t in p.get("targets", []))
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_promtool_checks_config_and_rules(tools):
     tools.require(exe=("promtool",))
     promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))

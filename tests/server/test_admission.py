@@ -114,6 +114,7 @@ def test_the_client_retries_a_refusal_after_the_pushback(limited):
     assert after - before == 3  # one client call, three attempts refused
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_a_call_that_cannot_start_before_its_deadline_is_refused_up_front(bundle_dir, tmp_path):
     repo = make_repo(tmp_path / "repo", bundle_dir)
     with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60,

@@ -91,6 +91,7 @@ def test_request_pixel_budget_is_checked_from_headers(roomy, big_png):
         assert client.predict([big_png] * 2, "small", timeout=60).predictions  # within budget: decoded
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_heavy_requests_do_not_starve_a_normal_client(roomy, big_png):
     """Four clients send requests of four big PNGs (each at the budget, ~2 s of decoding) with 1 s deadlines,
     back to back, beside a client sending one small PNG per Predict: every normal Predict succeeds, and the
@@ -139,6 +140,7 @@ def test_heavy_requests_do_not_starve_a_normal_client(roomy, big_png):
           f"median {sorted(normal_latency)[len(normal_latency) // 2]:.2f} s; heavy calls: {len(heavy_codes)}")
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_closing_the_pool_ends_waiting_and_running_calls(big_png):
     """Server stop closes the decode pool: calls still waiting or mid-way fail UNAVAILABLE (ModelLoading) at
     once instead of hanging, and their remaining images are not decoded."""

@@ -39,6 +39,7 @@ def test_a_manifest_without_the_detector_fields_loads_and_serves(bundle_dir, tmp
     assert any(exp.trace.HasField("plausibility") for exp in explanations)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 @pytest.mark.parametrize("kind", ["mahalanobis", "mahalanobis+max_softmax"])
 def test_a_calibrated_bundle_serves_its_detector_score_and_flag(bundle_dir, tmp_path, kind):
     root = tmp_path / "repo" / "small" / "1"

@@ -8,6 +8,7 @@ import shutil
 import time
 
 import numpy as np
+import pytest
 from serving_helpers import SIZE, config, make_repo
 from test_lifecycle import publish, wait_for
 from test_service import _scrape, _value
@@ -38,6 +39,7 @@ def test_odd_folders_are_skipped_while_other_models_keep_reloading(bundle_dir, t
         assert sum(str(repo / odd) + ":" in m for m in skipped) == 1, (odd, skipped)
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_corrupt_in_place_version_keeps_serving_until_removed(bundle_dir, tmp_path):
     repo = make_repo(tmp_path / "repo", bundle_dir, versions=(1, 2))
     x = np.random.default_rng(1).random((3, SIZE, SIZE), dtype=np.float32)

@@ -351,6 +351,7 @@ def test_metrics_move_and_batches_form(served):
     assert _value(after, "conceptlens_inference_duration_seconds_count", model="small", backend="onnxruntime") > 0
 
 
+@pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
 def test_slow_explain_does_not_hold_up_predict(served):
     """Separate queues and executors per method: a long hidden-layer Explain is in flight while Predicts pass."""
     server, client = served
