@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 flag = " [ADVERSARIAL?]" if exp.trace.adversarial else ""
                 plaus = f" plausibility {exp.trace.plausibility:.2f}" if exp.trace.HasField("plausibility") else ""
-                print(f"{path}: {exp.trace.summary}{plaus}{flag}")
+                print(f"{path}: {exp.trace.summary}{plaus}; adversarial score {exp.trace.adversarial_score:.2f}{flag}")
         if args.json:
             print(json.dumps(MessageToDict(response), indent=1))
         return 0
@@ -177,6 +177,9 @@ def _probe(client: Client, model: str, args: argparse.Namespace, layers: list[st
             head = f"held {clean.label}"
         plaus = [t.plausibility for t in (res.clean_trace, res.adversarial_trace) if t.HasField("plausibility")]
         plaus_text = f"; plausibility {plaus[0]:.2f} -> {plaus[1]:.2f}" if len(plaus) == 2 else ""
+        flagged = " [ADVERSARIAL?]" if res.adversarial_trace.adversarial else ""
+        plaus_text += (f"; adversarial score {res.clean_trace.adversarial_score:.2f} -> "
+                       f"{res.adversarial_trace.adversarial_score:.2f}{flagged}")
         units = ", ".join(f"{u.layer}#{u.unit}{' ' + u.concept if u.concept else ''} "
                           f"{u.clean_delta:+.3f}->{u.adversarial_delta:+.3f}" for u in res.changed_units[:3])
         print(f"{path}: {head} (confidence drop {res.confidence_drop:.2f}){plaus_text}; changed: {units}")
