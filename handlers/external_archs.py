@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +128,13 @@ def _derive_torchvision(model_name: str) -> Derived:
     return Derived(build, stages, head, default_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def _probe_pass(net: nn.Module, size: int, record: Callable[[str, object], None]) -> None:
-    """One forward pass of a random image with `record(name, output)` called for every module that could be a
-    stage, in the order they finish; the hooks are removed whatever happens."""
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: record(n, out))
-               for n, m in net.named_modules() if n and not isinstance(m, _NOT_A_STAGE)]
+def _probe_pass(net: nn.Module, size: int, record: Callable[[str, object], None],
+                names: Sequence[str] | None = None) -> None:
+    """One forward pass of a random image with `record(name, output)` called for the modules `names` (default:
+    every module that could be a stage), in the order they finish; the hooks are removed whatever happens."""
+    modules = ([(n, net.get_submodule(n)) for n in names] if names is not None else
+               [(n, m) for n, m in net.named_modules() if n and not isinstance(m, _NOT_A_STAGE)])
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: record(n, out)) for n, m in modules]
     try:
         with torch.no_grad():
             net(torch.rand(1, 3, size, size))
@@ -180,15 +182,8 @@ def _torchvision_stages(net: nn.Module, size: int) -> tuple[str, ...]:
 def _check_unit_maps(arch: str, net: nn.Module, stages: tuple[str, ...], channels: tuple[int, ...],
                      size: int) -> None:
     """Refuse, in one line, a model whose last two stages do not give (N, C, H, W) maps with C = channels."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = [net.get_submodule(s).register_forward_hook(lambda _m, _i, out, s=s: seen.__setitem__(s, out))
-               for s in stages[-2:]]
-    try:
-        with torch.no_grad():
-            net(torch.rand(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
+    seen: dict[str, object] = {}
+    _probe_pass(net, size, seen.__setitem__, stages[-2:])
     for stage, c in zip(stages[-2:], channels[-2:], strict=True):
         out = seen.get(stage)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
