@@ -16,9 +16,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 from serving_helpers import config
+from test_service import ablated_logit
 
 from conceptlens.cli import main
-from conceptlens.handlers.hooks import override
 from conceptlens.server.background import BackgroundServer
 from conceptlens.training.data.broden import write_broden
 from conceptlens.training.data.shapes import ShapesWorld
@@ -73,16 +73,6 @@ def _import_dissect_export(root: Path, arch: str, weights: Path, name: str) -> t
     return run, bundle
 
 
-def _ablated(model: torch.nn.Module, x: torch.Tensor, layer: str, unit: int, baseline: float, c: int) -> float:
-    def replace(out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
-        out[:, unit] = baseline
-        return out
-
-    with torch.no_grad(), override(model, layer, replace):
-        return float(model(x)[0, c])
-
-
 @pytest.mark.parametrize(("arch", "save", "layer", "method"), [
     ("resnet18", _save_resnet18, "layer4", "exact-last-layer"),
     ("timm:convnext_atto", _save_convnext, "stages.3", "suffix-rerun"),
@@ -115,5 +105,5 @@ def test_imported_model_serves_exact_deltas(workspace, arch, save, layer, method
     with torch.no_grad():
         f = float(model(xt)[0, c])
     for unit in traced.units:
-        expected = f - _ablated(model, xt, layer, unit.unit, float(baselines[unit.unit]), c)
+        expected = f - ablated_logit(model, xt, layer, unit.unit, float(baselines[unit.unit]), c)
         assert unit.exact and unit.delta == pytest.approx(expected, abs=ATOL)
