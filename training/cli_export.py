@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dissection", type=Path, help="report directory of `conceptlens dissect` (unit labels)")
     parser.add_argument("--layers", help="comma-separated layers to trace (default: dissected or default layers)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--detector", default="mahalanobis*0.7+max_softmax*0.3",
+    parser.add_argument("--detector",
                         help="adversarial detector fitted and calibrated into the bundle (components joined by '+', "
                              "optionally weighted: mahalanobis, max_softmax, plausibility; 'none' leaves it out; "
-                             "default mahalanobis*0.7+max_softmax*0.3, the best measured on models/shapes/1)")
+                             "default mahalanobis*0.7+max_softmax*0.3, the best measured on models/shapes/1, left "
+                             "out with a note when the run names no training data and no --fit is given, as for "
+                             "an imported run)")
     parser.add_argument("--fpr", type=float, default=0.05,
                         help="clean false-positive rate the detector's threshold is calibrated for (default 0.05)")
-    parser.add_argument("--calibration", default="shapes:900:1000",
+    parser.add_argument("--fit", help="dataset spec the detector's class means are fitted on, train split, e.g. "
+                                      "imagefolder:PATH (default: the training data named in the run)")
+    parser.add_argument("--calibration",
                         help="held-out clean images for the calibration, val split (default shapes:900:1000)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -72,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
         layers = list(run_info["layers"])
     if not 0 < args.fpr < 1:
         raise InvalidInput("--fpr", f"must lie in (0, 1), got {args.fpr}")
-    detector = None
-    if args.detector != "none":
-        detector = {"kind": args.detector, "fpr": args.fpr, "calibration": args.calibration}
+    detector = _detector_request(args, provenance["config"])
     out = export_bundle(
         model, args.out, name=name, version=version, layers=layers, dissection=dissection,
         metrics=metrics, provenance=provenance, overwrite=args.overwrite, detector=detector,
@@ -84,7 +87,32 @@ def run(args: argparse.Namespace) -> int:
               "files": bundle.manifest.files, "onnx_max_abs_error": bundle.manifest.metrics.get("onnx_max_abs_error")}
     print(json.dumps(result, indent=1) if args.json else f"wrote {name} v{version} to {out} (layers: "
           f"{', '.join(bundle.layer_names)})")
+    if detector is None and args.detector is None:  # the default detector was skipped: say how to add it later
+        print(f"note: no adversarial detector ({run_dir} names no training data to fit it on); add one with "
+              f"`conceptlens calibrate --bundle {out} --fit DATA --calibration DATA`", file=sys.stderr)
     return 0
+
+
+def _detector_request(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
+    """The keyword arguments of `calibrate_bundle` for the detector asked for, or None to leave it out.
+
+    The detector's class means are fitted on the run's training data (or --fit). A run that names none (an
+    imported one) gets no detector by default rather than a failed export; asking for one explicitly, or giving
+    only --calibration, without fit data is an error naming --fit.
+    """
+    from conceptlens.training.calibrate import DEFAULT_CALIBRATION, DEFAULT_KIND
+
+    if args.detector == "none":
+        return None
+    train = (config.get("data") or {}).get("train") if isinstance(config, dict) else None
+    fit = args.fit or (train if isinstance(train, str) and train else None)
+    if fit is None:
+        if args.detector is None and args.calibration is None:
+            return None
+        raise InvalidInput("--fit", "the run names no training data to fit the adversarial detector on; pass "
+                                    "--fit DATA (e.g. imagefolder:PATH) or --detector none")
+    return {"kind": args.detector or DEFAULT_KIND, "fpr": args.fpr, "fit": fit,
+            "calibration": args.calibration or DEFAULT_CALIBRATION}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
