@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torchvision.models.convnext import CNBlock
 
 from ..errors import InvalidInput
 from .base import AttackParams, Eps, Predict, check_eps, check_steps
@@ -36,10 +37,18 @@ def residual_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 def additive_blocks(model: nn.Module) -> list[nn.Module]:
     """Blocks whose output is input + branch(input) with no operation after the sum: timm's inverted residuals
-    (EfficientNet, MobileNet: `has_skip`) and ConvNeXt blocks (identity `shortcut`). Their skip is eroded as
-    out - (1 - λ)·input = λ·input + branch(input)."""
+    (EfficientNet, MobileNet: `has_skip`) and ConvNeXt blocks (identity `shortcut`); torchvision's inverted
+    residuals (MobileNetV2/V3, EfficientNet: `use_res_connect`; MNASNet: `apply_residual`) and ConvNeXt blocks
+    (`CNBlock`). Their skip is eroded as out - (1 - λ)·input = λ·input + branch(input)."""
     return [m for m in model.modules() if getattr(m, "has_skip", False) is True
+            or getattr(m, "use_res_connect", False) is True or getattr(m, "apply_residual", False) is True
+            or isinstance(m, CNBlock)
             or (isinstance(getattr(m, "shortcut", None), nn.Identity) and hasattr(m, "drop_path"))]
+
+
+def has_erodable_skips(model: nn.Module) -> bool:
+    """Whether ghost networks of `model` can erode residual skips (`residual_blocks` or `additive_blocks`)."""
+    return bool(residual_blocks(model) or additive_blocks(model))
 
 
 class GhostNetwork(nn.Module):
@@ -133,6 +142,8 @@ class GhostEnsemble(EnsembleAttack):
     model better than PGD at the same ε and steps; ε/steps or skip erosion alone did not.
 
     Shapes: images (N,C,H,W) in [0,1], labels (N,) int, optional target (N,) int; result.adv (N,C,H,W).
+    A model with no residual skips to erode (`has_erodable_skips`) is refused with InvalidInput: dropout-only
+    ghosts are not the method.
 
     Example::
 
@@ -158,6 +169,10 @@ class GhostEnsemble(EnsembleAttack):
         check_steps(members, "members")
         check_eps(eps)
         check_steps(steps)
+        if skip_erosion > 0 and not has_erodable_skips(model):  # its ghosts would be dropout-only: not the method
+            name = getattr(model, "arch", None) or type(model).__name__
+            raise InvalidInput("attack", f"ghost-ensemble erodes residual skips, and {name} has none it can erode "
+                                         "(ResNet, ConvNeXt, EfficientNet/MobileNet blocks): use pgd, mifgsm or fgsm")
         alpha = 2.5 * eps / steps if alpha is None else alpha
         ghosts = [
             GhostNetwork(model, skip_erosion, dropout_keep, None if seed is None else seed + i) for i in range(members)
