@@ -2,7 +2,8 @@
 saved as a state dict the way a team would) are imported, dissected on generated Broden-layout data, exported
 and served on loopback; Explain's Δs must equal re-running the imported torch model with the unit at its
 baseline. resnet18's head is pooling + linear (exact last-layer path); ConvNeXt's has a norm after pooling
-(exact hidden-layer path)."""
+(exact hidden-layer path). Probes (PGD and ghost networks) of both answer with flip information; a CNN without
+residual skips is refused ghost networks."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from conceptlens.server.background import BackgroundServer
 from conceptlens.training.data.broden import write_broden
 from conceptlens.training.data.shapes import ShapesWorld
 from conceptlens.training.run import load_run
-from conceptlens_client import Client
+from conceptlens_client import Client, ServiceError
 
 pytestmark = pytest.mark.slow
 
 SIZE = 64
 CLASSES = ["cat", "dog", "bird"]
 ATOL = 2e-4  # float32 logits of magnitude ~1: ONNX Runtime / torch agree to ~1e-6
+EPS = 16 / 255
 
 
 def _warmed(net: torch.nn.Module) -> torch.nn.Module:
@@ -68,8 +70,7 @@ def _import_dissect_export(root: Path, arch: str, weights: Path, name: str) -> t
                  "--input-size", str(SIZE), "--out", str(run)]) == 0
     assert main(["dissect", "--model", str(run), "--data", str(root / "broden"), "--out", str(report),
                  "--batch-size", "8"]) == 0
-    assert main(["export", "--run", str(run), "--dissection", str(report), "--out", str(bundle),
-                 "--detector", "none"]) == 0
+    assert main(["export", "--run", str(run), "--dissection", str(report), "--out", str(bundle)]) == 0
     return run, bundle
 
 
@@ -98,6 +99,10 @@ def test_imported_model_serves_exact_deltas(workspace, arch, save, layer, method
             assert pred.classes[0].label == CLASSES[int(logits[i].argmax())]
         explained = client.explain(list(x[:1]), name, layers=[layer], top_k_units=4, candidates=64)
         baselines = server.repository.resolve(name).baselines[layer]
+        probes = [client.probe(list(x), name, attack=kind, epsilon=EPS, steps=2, seed=0, return_adversarial=True)
+                  for kind in ("pgd", "ghost-ensemble")]  # both skips-eroding paths: torchvision and timm blocks
+    for response in probes:
+        _check_probe(response, x, logits)
     trace = explained.explanations[0].trace
     (traced,) = trace.layers
     assert traced.method == method and len(traced.units) == 4
@@ -107,3 +112,38 @@ def test_imported_model_serves_exact_deltas(workspace, arch, save, layer, method
     for unit in traced.units:
         expected = f - ablated_logit(model, xt, layer, unit.unit, float(baselines[unit.unit]), c)
         assert unit.exact and unit.delta == pytest.approx(expected, abs=ATOL)
+
+
+def _check_probe(response, x: np.ndarray, logits: torch.Tensor) -> None:
+    """Every image answered with flip information that agrees with its clean and adversarial predictions, and an
+    adversarial image within the L∞ budget."""
+    assert len(response.results) == len(x)
+    for image, clean_logits, r in zip(x, logits, response.results, strict=True):
+        clean, adversarial = r.clean_prediction.classes[0], r.adversarial_prediction.classes[0]
+        assert clean.label == CLASSES[int(clean_logits.argmax())]
+        assert r.flipped == (adversarial.index != clean.index)
+        adv = np.frombuffer(r.adversarial_image.data, "<f4").reshape(image.shape)
+        assert np.abs(adv - image).max() <= EPS + 1e-5 and np.abs(adv - image).max() > 0
+
+
+def test_a_cnn_without_residual_skips_is_probed_but_refused_ghost_networks(workspace):
+    """ShuffleNetV2 (channel concat and shuffle, no sums): PGD probes work; a ghost-network probe is refused
+    with INVALID_ARGUMENT saying why. Exported with the defaults: no detector, the run names no training data."""
+    net = _warmed(torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=len(CLASSES)))
+    torch.save(net.state_dict(), workspace / "shuffle.pth")
+    run, bundle = workspace / "run_shuffle", workspace / "models_shuffle" / "shuffle" / "1"
+    assert main(["import", "--arch", "shufflenet_v2_x0_5", "--weights", str(workspace / "shuffle.pth"),
+                 "--classes", str(workspace / "classes.txt"), "--input-size", str(SIZE), "--out", str(run)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    assert "adversarial_detector" not in json.loads((bundle / "manifest.json").read_text())
+    x = np.random.default_rng(4).random((2, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        logits = load_run(run)(torch.from_numpy(x))
+    with BackgroundServer(config(bundle.parent.parent)) as server, \
+            Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+        _check_probe(client.probe(list(x), "shuffle", attack="pgd", epsilon=EPS, steps=2, seed=0,
+                                  return_adversarial=True), x, logits)
+        with pytest.raises(ServiceError) as info:
+            client.probe(list(x[:1]), "shuffle", attack="ghost-ensemble", epsilon=EPS, steps=2)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert "ghost-ensemble erodes residual skips, and shufflenet_v2_x0_5 has none" in info.value.message
