@@ -16,9 +16,14 @@ of held-out clean images: per predicted class for the Mahalanobis and plausibili
 images simply score higher is then not flagged more often), pooled over classes for max-softmax (its clean
 spread is a few thousandths, too small to estimate per class; the arrays are stored per class all the same).
 A combined detector averages the z of its parts with weights written into its kind: "mahalanobis+max_softmax"
-(equal) or "mahalanobis*0.7+max_softmax*0.3". `adversarial_score` = logistic(z) in (0, 1); the flag is
-score > threshold, the (1 − fpr) quantile of held-out clean images' scores, calibrated per model
-(`training/calibrate.py`) and stored in the manifest.
+(equal) or "mahalanobis*0.7+max_softmax*0.3". `adversarial_score` = logistic(z) in (0, 1).
+
+The flag is score > the threshold of the predicted class: `class_thresholds[c]`, the (1 − fpr) quantile of the
+scores of held-out clean images predicted as c, so every class is flagged at the target rate (median and spread
+alone do not line up the classes' upper tails, and max-softmax is pooled). A class with too few calibration
+images, and every class of a manifest written before per-class thresholds, uses the global `threshold`, the
+(1 − fpr) quantile over all classes. Both are calibrated per model (`training/calibrate.py`) and stored in the
+manifest.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ COMPONENTS = ("mahalanobis", "max_softmax", "plausibility")
 PER_CLASS = frozenset({"mahalanobis", "plausibility"})  # standardised per predicted class; the others pooled
 DETECTOR_FILE = "detector.safetensors"
 MIN_CLASS_IMAGES = 5  # fewer held-out images predicted as a class: that class uses the pooled median and scale
+MIN_THRESHOLD_FLAGS = 10  # a class gets its own threshold when its calibration images hold >= this many flags
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Detector:
     scale: Mapping[str, np.ndarray]
     means: np.ndarray | None = None  # (K, C) class means of the pooled layer
     precision: np.ndarray | None = None  # (C, C) inverse of the tied covariance
+    class_thresholds: np.ndarray | None = None  # (K,) per predicted class; None: `threshold` for every class
 
     @property
     def components(self) -> list[str]:
@@ -85,8 +92,16 @@ class Detector:
         """adversarial_score in (0, 1) for a batch; higher = more likely adversarial."""
         return logistic(self.standardized(logits, pooled, plausibility))
 
-    def flags(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) > self.threshold
+    def thresholds(self, predicted: np.ndarray) -> np.ndarray:
+        """The threshold each image is flagged above: its predicted class's, else the global one."""
+        predicted = np.asarray(predicted, dtype=np.intp)
+        if self.class_thresholds is None:
+            return np.full(predicted.shape, self.threshold, dtype=np.float64)
+        return np.asarray(self.class_thresholds, dtype=np.float64)[predicted]
+
+    def flags(self, scores: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        """score > the threshold of each image's predicted class (logits.argmax, as `standardized` uses)."""
+        return np.asarray(scores) > self.thresholds(predicted)
 
 
 def parse_kind(kind: str) -> dict[str, float]:
@@ -200,6 +215,22 @@ def calibrate_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     return float(scores[max(index, 0)])
 
 
+def calibrate_class_thresholds(clean_scores: np.ndarray, predicted: np.ndarray, n_classes: int,
+                               fpr: float) -> tuple[float, np.ndarray]:
+    """(global threshold, per-class thresholds (K,)) from held-out clean scores and their predicted classes: each
+    class with at least MIN_THRESHOLD_FLAGS / fpr images gets `calibrate_threshold` of its own scores (fewer
+    images cannot place a 5% tail), the others the global one."""
+    scores = np.asarray(clean_scores, dtype=np.float64)
+    predicted = np.asarray(predicted)
+    overall = calibrate_threshold(scores, fpr)
+    per_class = np.full(n_classes, overall)
+    for c in range(n_classes):
+        values = scores[predicted == c]
+        if len(values) * fpr >= MIN_THRESHOLD_FLAGS:
+            per_class[c] = calibrate_threshold(values, fpr)
+    return overall, per_class
+
+
 # --- the manifest entry and its file -------------------------------------------------------------------------
 
 
@@ -212,6 +243,8 @@ def to_manifest(detector: Detector, calibration: Mapping[str, Any]) -> dict[str,
         "scale": {c: [float(v) for v in detector.scale[c]] for c in detector.components},
         "file": DETECTOR_FILE if detector.means is not None else "",
         "calibration": dict(calibration),
+        **({} if detector.class_thresholds is None else
+           {"class_thresholds": [float(v) for v in detector.class_thresholds]}),
     }
 
 
@@ -261,6 +294,12 @@ def parse_entry(raw: Any, classes: int, layers: Sequence[str], files: Mapping[st
     file = raw["file"]
     if "mahalanobis" in parts and (not isinstance(file, str) or file not in files):
         raise bad(".file", f"the mahalanobis part needs its arrays in a file listed under 'files', got {file!r}")
+    if "class_thresholds" in raw:  # optional: manifests written before per-class thresholds use `threshold` alone
+        values = raw["class_thresholds"]
+        ok = isinstance(values, list) and len(values) == classes and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok:
+            raise bad(".class_thresholds", f"expected {classes} finite numbers, one per class")
     return dict(raw)
 
 
@@ -282,7 +321,9 @@ def load_detector(root: Path, entry: Mapping[str, Any]) -> Detector:
                     target_fpr=float(entry["target_fpr"]),
                     center={k: np.asarray(v, dtype=np.float64) for k, v in entry["center"].items()},
                     scale={k: np.asarray(v, dtype=np.float64) for k, v in entry["scale"].items()},
-                    means=means, precision=precision)
+                    means=means, precision=precision,
+                    class_thresholds=None if entry.get("class_thresholds") is None else
+                    np.asarray(entry["class_thresholds"], dtype=np.float64))
 
 
 _DETECTORS: weakref.WeakKeyDictionary[Any, Detector | None] = weakref.WeakKeyDictionary()

@@ -151,7 +151,8 @@ def adversarial_flags(runtime: ModelRuntime, logits: np.ndarray, pooled: np.ndar
         return [(0.0, False) if p is None else (1.0 - p, p < plausibility_threshold) for p in plaus]
     values = np.array([np.nan if p is None else p for p in plaus]) if detector.needs_plausibility else None
     scores = detector.score(logits, pooled, values)
-    return [(float(s), bool(s > detector.threshold)) for s in scores.tolist()]
+    flags = detector.flags(scores, np.asarray(logits).argmax(axis=1))  # the predicted class's threshold
+    return [(float(s), bool(f)) for s, f in zip(scores.tolist(), flags.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)

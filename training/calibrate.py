@@ -8,8 +8,11 @@ through the served code path (ONNX Runtime forward, the trace's plausibility):
    (the model's training data, by their true labels).
 2. Standardisation: median and spread of each raw score over the even-numbered *calibration* images (held-out
    clean images, never trained on), by predicted class where the detector says so (`detector.PER_CLASS`).
-3. Threshold: the (1 − fpr) quantile of the adversarial_score of the odd-numbered calibration images, so the
-   flag fires on a fraction fpr of clean images (default 5%).
+3. Thresholds: the (1 − fpr) quantile of the adversarial_score of the odd-numbered calibration images, per
+   predicted class (`class_thresholds`) and over all of them (`threshold`, kept for older readers and for
+   classes with too few images), so the flag fires on a fraction fpr of each class's clean images (default 5%).
+   Placing a 5% tail per class takes a few hundred images per class: the default calibration set has 6000
+   (about 333 per class in each half).
 
 The bundle gains `detector.safetensors` (listed with its sha256 under `files`) and the manifest's
 `adversarial_detector` entry; the manifest is replaced atomically and the bundle reloaded to check it. The other
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KIND = "mahalanobis*0.7+max_softmax*0.3"  # the best of `conceptlens experiment detectors` on models/shapes/1
 DEFAULT_FPR = 0.05
-DEFAULT_CALIBRATION = "shapes:900:1000"  # val split: ShapesWorld seed 3001, never a training or dissection seed
+DEFAULT_CALIBRATION = "shapes:6000:1000"  # val split: ShapesWorld seed 3001, never a training or dissection seed
 
 
 def served_outputs(runtime: Any, images: np.ndarray, layer: str, *, batch_size: int = 256,
@@ -73,7 +76,8 @@ def dataset_images(spec: str, split: str, size: int, limit: int | None = None) -
 
 def fit_detector(runtime: Any, *, kind: str, layer: str, fit_images: np.ndarray, fit_labels: np.ndarray,
                  calib_images: np.ndarray, fpr: float) -> tuple[D.Detector, dict[str, Any]]:
-    """The calibrated Detector and a JSON report (images used, measured clean flag rate on the threshold half)."""
+    """The calibrated Detector and a JSON report (images used, clean flag rate on the threshold half overall and
+    per predicted class, with the number of images behind each class's threshold)."""
     try:
         parts = list(D.parse_kind(kind))
     except ValueError as err:
@@ -99,10 +103,15 @@ def fit_detector(runtime: Any, *, kind: str, layer: str, fit_images: np.ndarray,
                                                          per_class=part in D.PER_CLASS)
     detector = D.Detector(kind, layer, 0.0, fpr, center, scale, means, precision)
     scores = detector.score(logits[odd], pooled[odd], None if plaus is None else plaus[odd])
-    threshold = D.calibrate_threshold(scores, fpr)
-    detector = D.Detector(kind, layer, threshold, fpr, center, scale, means, precision)
+    threshold, class_thresholds = D.calibrate_class_thresholds(scores, predicted[odd], n_classes, fpr)
+    detector = D.Detector(kind, layer, threshold, fpr, center, scale, means, precision, class_thresholds)
+    flags = detector.flags(scores, predicted[odd])
+    names = list(runtime.classes)
     report = {"fit_images": len(fit_images), "standardize_images": len(logits[even]),
-              "threshold_images": len(scores), "clean_flag_rate": float((scores > threshold).mean())}
+              "threshold_images": len(scores), "clean_flag_rate": float(flags.mean()),
+              "class_threshold_images": {c: int((predicted[odd] == i).sum()) for i, c in enumerate(names)},
+              "class_clean_flag_rate": {c: float(flags[predicted[odd] == i].mean()) if np.any(predicted[odd] == i)
+                                        else None for i, c in enumerate(names)}}
     return detector, report
 
 

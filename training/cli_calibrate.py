@@ -10,14 +10,15 @@ from conceptlens.handlers.errors import InvalidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from conceptlens.training.calibrate import DEFAULT_KIND
+    from conceptlens.training.calibrate import DEFAULT_CALIBRATION, DEFAULT_KIND
 
     parser.description = (
         "Add (or refit) the adversarial detector of an existing bundle: a Mahalanobis detector on the traced "
-        "layer's pooled activations plus max-softmax by default, standardised and thresholded for a stated clean "
-        "false-positive rate on held-out clean images. Writes detector.safetensors and the manifest's "
-        "adversarial_detector entry; the other files and their hashes are untouched. `conceptlens export` does "
-        "the same for new bundles."
+        "layer's pooled activations plus max-softmax by default, standardised and thresholded per predicted class "
+        "for a stated clean false-positive rate on held-out clean images. Writes detector.safetensors and the "
+        "manifest's adversarial_detector entry (class_thresholds beside the global threshold); the other files "
+        "and their hashes are untouched. Prints the clean flag rate per class on the threshold images. "
+        "`conceptlens export` does the same for new bundles."
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory, e.g. models/shapes/1")
     parser.add_argument("--kind", default=DEFAULT_KIND,
@@ -28,8 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit", help="dataset spec the class means are fitted on, train split (default: the "
                                       "training data in the bundle's provenance)")
     parser.add_argument("--fit-limit", type=int, help="use only the first N fit images")
-    parser.add_argument("--calibration", default="shapes:900:1000",
-                        help="held-out clean dataset spec, val split (default shapes:900:1000)")
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
+                        help="held-out clean dataset spec, val split; half standardises, half sets the thresholds, "
+                             f"so a few hundred images per class (default {DEFAULT_CALIBRATION})")
     parser.add_argument("--json", action="store_true", help="print the manifest entry as JSON")
 
 
@@ -47,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entry, indent=1))
     else:
-        print(f"{args.bundle}: {entry['kind']} detector on {entry['layer']}, threshold {entry['threshold']:.4f} "
-              f"for a {100 * entry['target_fpr']:.1f}% clean flag rate (measured "
-              f"{100 * entry['calibration']['clean_flag_rate']:.1f}% on {entry['calibration']['threshold_images']} "
-              "held-out images)")
+        report = entry["calibration"]
+        print(f"{args.bundle}: {entry['kind']} detector on {entry['layer']}, per-class thresholds for a "
+              f"{100 * entry['target_fpr']:.1f}% clean flag rate (global threshold {entry['threshold']:.4f}; "
+              f"measured {100 * report['clean_flag_rate']:.1f}% on {report['threshold_images']} held-out images)")
+        for (name, rate), threshold in zip(report["class_clean_flag_rate"].items(), entry["class_thresholds"],
+                                           strict=True):
+            shown = "n/a" if rate is None else f"{100 * rate:.1f}%"
+            print(f"  {name}: threshold {threshold:.4f}, clean flag rate {shown} on "
+                  f"{report['class_threshold_images'][name]} images")
     return 0

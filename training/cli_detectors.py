@@ -10,7 +10,7 @@ from conceptlens.handlers.errors import InvalidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from conceptlens.training.detector_eval import CANDIDATES, EVAL_DATA, FPR_DATA
+    from conceptlens.training.detector_eval import CANDIDATES, EVAL_DATA, FPR_DATA, DetectorEvalConfig
 
     parser.description = (
         "Attack held-out clean images against the bundle's own model (white-box PGD at each image's minimal "
@@ -18,14 +18,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "detectors on clean vs adversarial: raw max-softmax and plausibility, their per-class standardised "
         "versions, Mahalanobis on the traced layer's pooled activations and combinations. Writes DIR/"
         "detectors.json, detectors.md and roc.png: AUROC with bootstrap 95% intervals, differences from "
-        "max-softmax with verdicts, and clean flag rates per class at each calibrated threshold."
+        "max-softmax with verdicts, clean flag rates per class (true and predicted) at each candidate's calibrated "
+        "per-class thresholds with binomial 95% intervals, and the mean clean trace plausibility per class."
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory, e.g. models/shapes/1")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--data", default=EVAL_DATA, help=f"held-out clean images, test split (default {EVAL_DATA})")
     parser.add_argument("--fpr-data", default=FPR_DATA,
                         help=f"more held-out clean images for the flag rates, test split (default {FPR_DATA})")
-    parser.add_argument("--calibration", default="shapes:900:1000", help="calibration images, val split")
+    parser.add_argument("--calibration", default=DetectorEvalConfig.calibration,
+                        help=f"calibration images, val split (default {DetectorEvalConfig.calibration})")
     parser.add_argument("--fit-limit", type=int, help="fit the Mahalanobis means on the first N training images")
     parser.add_argument("--fpr", type=float, default=0.05, help="target clean flag rate (default 0.05)")
     parser.add_argument("--eps-cap", type=float, default=32 / 255, help="white-box pool eps cap (default 32/255)")

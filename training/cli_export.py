@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit", help="dataset spec the detector's class means are fitted on, train split, e.g. "
                                       "imagefolder:PATH (default: the training data named in the run)")
     parser.add_argument("--calibration",
-                        help="held-out clean images for the calibration, val split (default shapes:900:1000)")
+                        help="held-out clean images for the calibration, val split (default shapes:6000:1000)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

@@ -7,7 +7,8 @@ pool (the wrong class at probability >= 0.9). Candidates, each fitted and calibr
 detector is (`training/calibrate.py`): max-softmax and plausibility raw (the baselines), each standardised per
 class, Mahalanobis (Lee et al. 2018) on the traced layer's pooled activations, and combinations. Reported:
 AUROC per pool with bootstrap 95% intervals over images, each candidate's difference from raw max-softmax with
-its interval and verdict, the clean flag rate at the calibrated threshold overall and per class, and ROC curves.
+its interval and verdict, the clean flag rate at the calibrated per-class thresholds overall and per class (true
+and predicted) with binomial 95% intervals, the mean clean trace plausibility per class, and ROC curves.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CANDIDATES = ("max_softmax", "plausibility", "mahalanobis", "mahalanobis+max_sof
 RAW_BASELINES = ("max_softmax", "plausibility")  # scored as they are, without per-class standardisation
 BASELINE = "raw max_softmax"
 EVAL_DATA = "shapes:270:2000"  # test split: ShapesWorld seed 6002 (attacked; 30 images per class)
-FPR_DATA = "shapes:1800:3000"  # test split: ShapesWorld seed 9002 (clean only; 200 per class for flag rates)
+FPR_DATA = "shapes:4500:3000"  # test split: ShapesWorld seed 9002 (clean only; 500 per class for flag rates)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class DetectorEvalConfig:
     out: Path
     data: str = EVAL_DATA
     fpr_data: str = FPR_DATA
-    calibration: str = "shapes:900:1000"
+    calibration: str = "shapes:6000:1000"  # = training.calibrate.DEFAULT_CALIBRATION (val split, seed 3001)
     fit: str | None = None  # default: the bundle's training data
     fit_limit: int | None = None
     fpr: float = 0.05
@@ -59,7 +60,7 @@ def evaluate_detectors(cfg: DetectorEvalConfig) -> dict[str, Any]:
     from conceptlens.handlers.bundle import load_bundle
     from conceptlens.training import calibrate as C
     from conceptlens.training import pools as P
-    from conceptlens.training.stats import bootstrap_auroc, bootstrap_mean
+    from conceptlens.training.stats import binomial_interval, bootstrap_auroc, bootstrap_mean
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -117,25 +118,43 @@ def evaluate_detectors(cfg: DetectorEvalConfig) -> dict[str, Any]:
         results["difference_vs_baseline"][pool] = {
             k: {**pairs[(k, BASELINE)].to_json(), "verdict": _verdict(pairs[(k, BASELINE)])}
             for k in names if k != BASELINE}
-    # clean flag rates at each calibrated threshold, on a larger held-out clean set, overall and per true class
+    # clean flag rates at each calibrated (per predicted class) threshold, on a larger held-out clean set of another
+    # seed, overall and per true / predicted class, each with its binomial 95% interval
     predicted, labels = outputs["fpr_clean"][0].argmax(1), fpr_labels
     flag_rates = {}
+
+    def rate(flags: np.ndarray) -> dict[str, float] | None:
+        return binomial_interval(int(flags.sum()), len(flags)).to_json() if len(flags) else None
+
     for kind, det in detectors.items():
-        flags = det.flags(scores["fpr_clean"][kind]).astype(float)
+        flags = det.flags(scores["fpr_clean"][kind], predicted)
         flag_rates[kind] = {
-            "overall": bootstrap_mean(list(flags), resamples=cfg.resamples, seed=cfg.seed).to_json(),
+            "overall": bootstrap_mean(list(flags.astype(float)), resamples=cfg.resamples, seed=cfg.seed).to_json(),
             "by_class": {c: float(flags[labels == i].mean()) for i, c in enumerate(runtime.classes)},
+            "by_class_interval": {c: rate(flags[labels == i]) for i, c in enumerate(runtime.classes)},
             "by_predicted_class": {c: float(flags[predicted == i].mean()) if np.any(predicted == i) else None
                                    for i, c in enumerate(runtime.classes)},
+            "by_predicted_class_interval": {c: rate(flags[predicted == i]) for i, c in enumerate(runtime.classes)},
             "images_per_class": {c: int((labels == i).sum()) for i, c in enumerate(runtime.classes)},
+            "per_class_thresholds": det.class_thresholds is not None,
         }
     results["clean_flag_rates"] = flag_rates
+    # the trace's plausibility on the same clean images, per true class (docs/design.md §5.10): NaN = no unit qualified
+    plaus = outputs["fpr_clean"][2]
+    results["clean_plausibility"] = {
+        c: {"mean": _nanmean(plaus[labels == i]), "none": float(np.isnan(plaus[labels == i]).mean())}
+        for i, c in enumerate(runtime.classes)}
     results["best"] = choose_best(results)
     results["seconds"] = {"attacks": round(attack_s, 1), "total": round(time.perf_counter() - started, 1)}
     (out / "detectors.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "detectors.md").write_text(to_markdown(results))
     _roc_figure(scores, [p for p in pools if pools[p].size], out / "roc.png")
     return results
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
 
 
 def _verdict(interval) -> str:
@@ -189,20 +208,32 @@ def to_markdown(results: dict[str, Any]) -> str:
     for p, diffs in results["difference_vs_baseline"].items():
         for kind, d in diffs.items():
             lines.append(f"- {p}, {kind}: {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {d['verdict']}")
-    lines += ["", f"Clean flag rate at the calibrated threshold ({results['fpr_images']} other held-out clean images, "
-              f"{results['fpr_data']}, by true class; overall with a bootstrap 95% interval):", "",
-              "| detector | overall | " + " | ".join(next(iter(results["clean_flag_rates"].values()))["by_class"])
-              + " |", "| --- | --- | " + " | ".join("---" for _ in range(len(
-                  next(iter(results["clean_flag_rates"].values()))["by_class"]))) + " |"]
-    for kind, r in results["clean_flag_rates"].items():
-        o = r["overall"]
-        lines.append(f"| {kind} | {o['value']:.3f} [{o['low']:.3f}, {o['high']:.3f}] | "
-                     + " | ".join(f"{v:.3f}" for v in r["by_class"].values()) + " |")
+    classes = list(next(iter(results["clean_flag_rates"].values()))["by_class"])
+    lines += ["", f"Clean flag rate at the calibrated per-class thresholds ({results['fpr_images']} other held-out "
+              f"clean images, {results['fpr_data']}, a ShapesWorld seed no fitting or calibration used; overall "
+              "with a bootstrap 95% interval, per class with a binomial (Wilson) 95% interval):", ""]
+    for title, key in (("by true class", "by_class_interval"), ("by predicted class (what the server thresholds on)",
+                                                              "by_predicted_class_interval")):
+        lines += [f"Rates {title}:", "", "| detector | overall | " + " | ".join(classes) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in classes) + " |"]
+        for kind, r in results["clean_flag_rates"].items():
+            o = r["overall"]
+            cells = ["n/a" if r[key].get(c) is None else
+                     f"{r[key][c]['value']:.3f} [{r[key][c]['low']:.3f}, {r[key][c]['high']:.3f}]" for c in classes]
+            lines.append(f"| {kind} | {o['value']:.3f} [{o['low']:.3f}, {o['high']:.3f}] | " + " | ".join(cells) + " |")
+        lines.append("")
+    plaus = results.get("clean_plausibility", {})
+    if plaus:
+        lines += ["Mean trace plausibility of the same clean images by true class (share with no qualifying unit, "
+                  "scored 0 by the detector, in brackets):", "", "| " + " | ".join(plaus) + " |",
+                  "| " + " | ".join("---" for _ in plaus) + " |",
+                  "| " + " | ".join("n/a" if p["mean"] is None else f"{p['mean']:.2f} ({p['none']:.2f})"
+                                    for p in plaus.values()) + " |", ""]
     target = results["target_fpr"]
     within = [k for k, r in results["clean_flag_rates"].items() if max(r["by_class"].values()) <= 2 * target]
     rule = ("among those whose per-class clean flag rates stay within 2x the target" if within else
             f"no candidate keeps every class within 2x the target ({2 * target:.2f})")
-    lines += ["", f"Best candidate (highest worst-pool AUROC; {rule}): **{results['best']}**; in the bundle when "
+    lines += [f"Best candidate (highest worst-pool AUROC; {rule}): **{results['best']}**; in the bundle when "
               f"this ran: {results['shipped_detector']}.", ""]
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@
   images within each drawn seed (a two-level bootstrap: training seeds and probe images both vary).
 - `auroc` (Mann-Whitney, ties count half) and `bootstrap_auroc`: clean and adversarial scores resampled
   separately, paired across detectors when they score the same images, so differences have intervals too.
+- `binomial_interval`: a rate (e.g. a clean flag rate) with its Wilson 95% interval.
 - `verdict`: "better" / "worse" only when the 95% interval of the difference excludes 0, else
   "no measurable difference" (docs/design.md §5; issue 13).
 """
@@ -146,3 +147,17 @@ def bootstrap_auroc(negatives: Mapping[str, Sequence[float]], positives: Mapping
     pairs = {(a, b): _percentile_interval(point[a] - point[b], draws[a] - draws[b], level)
              for a in names for b in names if a != b}
     return single, pairs
+
+
+def binomial_interval(successes: int, trials: int, level: float = LEVEL) -> Interval:
+    """A proportion with its Wilson score interval (Wilson 1927): unlike the normal approximation it stays inside
+    [0, 1] and keeps its coverage for rates near 0, such as a 5% clean flag rate on a few hundred images."""
+    if trials <= 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return Interval(float(p), float(max(0.0, centre - half)), float(min(1.0, centre + half)))

@@ -1,6 +1,7 @@
 """The adversarial detector's parts on data whose answer is known: Lee et al.'s class means and tied covariance,
-per-class standardisation, the calibrated threshold's false-positive rate on held-out data, the manifest entry's
-validation, and plausibility counting only units present in the input."""
+per-class standardisation, the calibrated global and per-class thresholds' false-positive rates on held-out data,
+the manifest entry's validation (with and without per-class thresholds), and plausibility counting only units
+present in the input."""
 
 from __future__ import annotations
 
@@ -63,11 +64,44 @@ def test_per_class_standardisation_evens_out_the_flag_rate_across_classes():
     threshold = D.calibrate_threshold(det.score(logits, None, 1 - raw), 0.05)
     det = D.Detector("plausibility", "layer3", threshold, 0.05, det.center, det.scale)
     logits, raw, predicted = clean(40_000)
-    flags = det.flags(det.score(logits, None, 1 - raw))
+    flags = det.flags(det.score(logits, None, 1 - raw), predicted)
     for c in (0, 1):
         assert flags[predicted == c].mean() == pytest.approx(0.05, abs=0.012)
     raw_threshold = D.calibrate_threshold(raw, 0.05)
     assert (raw[predicted == 0] > raw_threshold).mean() < 0.01  # what standardising fixes
+
+
+def test_per_class_thresholds_give_every_class_its_false_positive_rate_on_held_out_data():
+    """Three classes with the same clean median and interquartile range but different upper tails (two normal, one
+    Cauchy): standardising cannot line them up, one global threshold flags the heavy-tailed class about twice as
+    often as the target and the others half as often, per-class thresholds flag each class at its target."""
+    rng = np.random.default_rng(3)
+
+    def clean(n):
+        predicted = rng.integers(0, 3, n)
+        raw = np.where(predicted == 2, rng.standard_cauchy(n) / 2, rng.standard_normal(n) / 1.349)  # IQR 1 each
+        return np.eye(3)[predicted] * 5, raw, predicted
+
+    fpr = 0.05
+    logits, raw, predicted = clean(9000)
+    center, scale = D.class_standardizer(raw, predicted, 3)
+    det = D.Detector("plausibility", "layer3", 0.0, fpr, {"plausibility": center}, {"plausibility": scale})
+    scores = det.score(logits, None, 1 - raw)
+    threshold, per_class = D.calibrate_class_thresholds(scores, predicted, 3, fpr)
+    held_logits, held_raw, held_predicted = clean(90_000)
+    held = det.score(held_logits, None, 1 - held_raw)
+    global_only = D.Detector("plausibility", "layer3", threshold, fpr, det.center, det.scale)
+    per_class_det = D.Detector("plausibility", "layer3", threshold, fpr, det.center, det.scale,
+                               class_thresholds=per_class)
+    assert global_only.flags(held, held_predicted)[held_predicted == 2].mean() > 1.6 * fpr  # what one global does
+    flags = per_class_det.flags(held, held_predicted)
+    for c in range(3):
+        assert flags[held_predicted == c].mean() == pytest.approx(fpr, abs=0.012)
+    # a class too rare to place its tail (fewer than MIN_THRESHOLD_FLAGS / fpr images) takes the global threshold
+    rare = np.where(predicted == 2)[0][: int(D.MIN_THRESHOLD_FLAGS / fpr) - 1]
+    keep = np.concatenate([np.where(predicted != 2)[0], rare])
+    overall, sparse = D.calibrate_class_thresholds(scores[keep], predicted[keep], 3, fpr)
+    assert sparse[2] == overall and sparse[0] != overall
 
 
 def test_scores_lie_in_the_unit_interval_and_rise_with_the_raw_score():
@@ -88,12 +122,25 @@ def _entry(**changes):
     ({"kind": "lid"}, "kind"), ({"layer": "layer9"}, "layer"), ({"threshold": "high"}, "threshold"),
     ({"target_fpr": 1.5}, "target_fpr"), ({"scale": {"mahalanobis": [1.0, 0.0]}}, "scale.mahalanobis"),
     ({"center": {"mahalanobis": [1.0]}}, "center.mahalanobis"), ({"file": "other.bin"}, "file"),
+    ({"class_thresholds": [0.9]}, "class_thresholds"), ({"class_thresholds": [0.9, "x"]}, "class_thresholds"),
+    ({"class_thresholds": 0.9}, "class_thresholds"),
 ])
 def test_a_bad_manifest_entry_is_refused_naming_the_field(changes, field):
     files = {D.DETECTOR_FILE: "0" * 64}
-    D.parse_entry(_entry(), 2, ["layer2", "layer3"], files)  # the good one passes
+    D.parse_entry(_entry(), 2, ["layer2", "layer3"], files)  # the good one passes, with or without class thresholds
+    D.parse_entry(_entry(class_thresholds=[0.9, 0.95]), 2, ["layer2", "layer3"], files)
     with pytest.raises(BundleError, match=f"adversarial_detector.{field}"):
         D.parse_entry(_entry(**changes), 2, ["layer2", "layer3"], files)
+
+
+def test_without_class_thresholds_every_class_uses_the_global_threshold():
+    """An entry written before per-class thresholds flags exactly as it did: score > threshold, whatever the class."""
+    det = D.Detector("max_softmax", "layer3", 0.6, 0.05, {"max_softmax": np.zeros(2)}, {"max_softmax": np.ones(2)})
+    scores, predicted = np.array([0.55, 0.65, 0.55, 0.65]), np.array([0, 0, 1, 1])
+    assert det.flags(scores, predicted).tolist() == [False, True, False, True]
+    per_class = D.Detector("max_softmax", "layer3", 0.6, 0.05, det.center, det.scale,
+                           class_thresholds=np.array([0.5, 0.7]))
+    assert per_class.flags(scores, predicted).tolist() == [True, True, False, False]
 
 
 def test_only_units_present_in_the_input_vouch_for_their_concept():

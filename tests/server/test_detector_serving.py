@@ -1,6 +1,8 @@
 """The adversarial score over the real server: a v1 manifest without the detector fields still loads and serves
-(score = 1 − plausibility, flag below the plausibility threshold), and a bundle calibrated in place serves the
-detector's score with its calibrated flag, equal to the offline computation. Real gRPC server on loopback."""
+(score = 1 − plausibility, flag below the plausibility threshold), a detector entry written before per-class
+thresholds still flags on its global threshold while one with `class_thresholds` flags on the predicted class's,
+and a bundle calibrated in place serves the detector's score with its calibrated flag, equal to the offline
+computation. Real gRPC server on loopback."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 from serving_helpers import CLASSES, SIZE, config, make_repo
 
+from conceptlens.handlers import detector as D
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.bundle import load_bundle
 from conceptlens.server.background import BackgroundServer
@@ -37,6 +40,38 @@ def test_a_manifest_without_the_detector_fields_loads_and_serves(bundle_dir, tmp
         else:
             assert trace.adversarial_score == 0.0 and not trace.adversarial
     assert any(exp.trace.HasField("plausibility") for exp in explanations)
+
+
+def test_the_flag_uses_the_predicted_class_threshold_and_older_entries_the_global_one(bundle_dir, tmp_path):
+    """Version 1 holds a max-softmax detector entry as written before per-class thresholds (global threshold only),
+    version 2 the same detector with `class_thresholds`: 0 for the first image's predicted class (always flagged),
+    1 for the others (never), and a global threshold of 1 that would flag nothing."""
+    repo = make_repo(tmp_path / "repo", bundle_dir, versions=(1, 2))
+    runtime = ModelRuntime(load_bundle(repo / "small" / "1", verify_onnx=False), device="cpu")
+    rng = np.random.default_rng(7)  # plain colours: the untrained model predicts more than one class on them
+    pool = rng.random((32, 3, 1, 1), dtype=np.float32) * np.ones((1, 1, SIZE, SIZE), dtype=np.float32)
+    predicted = runtime.forward(pool).logits.argmax(axis=1)
+    first = int(predicted[0])
+    x = pool[[0, *[i for i in range(1, len(pool)) if predicted[i] != first][:1], 1, 2]]  # two classes at least
+    k = len(CLASSES)
+    detector = D.Detector("max_softmax", "layer3", 0.0, 0.05, {"max_softmax": np.zeros(k)},
+                          {"max_softmax": np.ones(k)})
+    out = runtime.forward(x)
+    scores = detector.score(out.logits, None)
+    older = D.Detector(detector.kind, detector.layer, float(np.median(scores)), 0.05, detector.center, detector.scale)
+    per_class = D.Detector(detector.kind, detector.layer, 1.0, 0.05, detector.center, detector.scale,
+                           class_thresholds=np.where(np.arange(k) == first, 0.0, 1.0))
+    for version, det in ((1, older), (2, per_class)):
+        entry = D.to_manifest(det, {})
+        assert ("class_thresholds" in entry) == (version == 2)
+        write_detector(repo / "small" / str(version), det, entry)
+    with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        served = {v: client.explain(list(x), "small", version=v).explanations for v in (1, 2)}
+    for v in (1, 2):
+        assert np.allclose([e.trace.adversarial_score for e in served[v]], scores, atol=1e-5)
+    assert [e.trace.adversarial for e in served[1]] == [bool(s > older.threshold) for s in scores]
+    want = [bool(c == first) for c in out.logits.argmax(axis=1)]
+    assert [e.trace.adversarial for e in served[2]] == want and want[0] and not all(want)
 
 
 @pytest.mark.slow  # among the costliest measured: left out of `make test-fast`
@@ -66,5 +101,5 @@ def test_a_calibrated_bundle_serves_its_detector_score_and_flag(bundle_dir, tmp_
         hidden = client.explain(list(x[:1]), "small", layers=["layer2"]).explanations[0]  # detector layer not traced
     got = np.array([e.trace.adversarial_score for e in last])
     assert np.allclose(got, want, atol=1e-5) and np.all((got > 0) & (got < 1))
-    assert [e.trace.adversarial for e in last] == [bool(s > detector.threshold) for s in want]
+    assert [e.trace.adversarial for e in last] == detector.flags(want, out.logits.argmax(axis=1)).tolist()
     assert hidden.trace.adversarial_score == pytest.approx(float(want[0]), abs=1e-5)

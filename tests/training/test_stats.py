@@ -67,3 +67,18 @@ def test_difference_of_means_needs_the_interval_to_exclude_zero():
     assert verdict(bootstrap_difference(a, b, resamples=500)) == "better"
     assert verdict(bootstrap_difference(b, a, resamples=500), higher_is_better=False) == "better"
     assert verdict(bootstrap_difference(b, c, resamples=500)) == "no measurable difference"
+
+
+def test_binomial_interval_covers_the_true_rate_95_percent_of_the_time():
+    """Wilson intervals of a 5% rate on 200 trials, over many draws: the true rate inside about 95% of the time,
+    and the bounds inside [0, 1] even with no successes."""
+    from conceptlens.training.stats import binomial_interval
+
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(200, 0.05, 4000)
+    covered = np.mean([binomial_interval(int(k), 200).low <= 0.05 <= binomial_interval(int(k), 200).high
+                       for k in draws])
+    assert 0.93 <= covered <= 0.975
+    zero = binomial_interval(0, 50)
+    assert zero.value == 0 and zero.low == 0 and 0.05 < zero.high < 0.1
+    assert str(binomial_interval(10, 200)) == "0.050 [0.027, 0.090]"
