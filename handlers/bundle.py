@@ -25,9 +25,10 @@ Manifest schema (schema_version 1), every key required:
     files           {relative file name: sha256 hex} for every file of the bundle except manifest.json;
                      must list model.onnx and weights.safetensors
 Optional (older v1 manifests without it keep loading; the trace then flags on plausibility alone):
-    adversarial_detector  {kind, layer, threshold, target_fpr, center, scale, file, calibration}: the detector
-                     behind the trace's adversarial_score and its calibrated threshold (handlers/detector.py);
-                     `file` (listed in `files`) holds the Mahalanobis class means and precision
+    adversarial_detector  {kind, layer, threshold, target_fpr, center, scale, file, calibration[,
+                     class_thresholds]}: the detector behind the trace's adversarial_score and its calibrated
+                     thresholds (handlers/detector.py); `file` (listed in `files`) holds the Mahalanobis class
+                     means and precision; without `class_thresholds` every class is flagged above `threshold`
 """
 
 from __future__ import annotations
