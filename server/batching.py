@@ -6,8 +6,10 @@ comes first (Triton's dynamic batcher), or at once when no other caller is waiti
 can join, and a lone caller should not pay the delay. A request with more images than `max_batch` runs as a
 batch of its own.
 Admission: a request that could not start before its deadline (the running batches and the full batches queued
-ahead of it, at the moving average of recent batch times) or that finds the queue full is refused at once with
-Overloaded (RESOURCE_EXHAUSTED with a retry hint), rather than queued to expire. `check_admission` makes the same
+ahead of it, at the moving average of recent batch times), that would wait more than `max_queue_batches` batch
+times however long its deadline (so that what is admitted stays fast under overload: a queue that is always full
+only adds latency, not throughput), or that finds the queue full is refused at once with Overloaded
+(RESOURCE_EXHAUSTED with a retry hint), rather than queued to expire. `check_admission` makes the same
 decision before the servicer decodes the images. Requests whose deadline passed while queued are failed with
 DeadlineExpired without running; requests whose caller went away (cancelled futures) are skipped.
 Each batcher owns its executor, so a slow method (Probe) cannot take the threads of a fast one (Predict).
@@ -85,9 +87,15 @@ class Batcher(Generic[P, R]):
             self.metrics.rejected.labels(self.model, self.method, "queue_full").inc()
             raise Overloaded(f"{self.method} queue for model {self.model!r} is full ({self.config.queue_size} "
                              "waiting); retry later", max(self.expected_start_s(), self._batch_s))
+        start = self.expected_start_s()
+        bound = self.config.max_queue_batches * self._batch_s
+        if bound > 0 and start > bound:
+            self.metrics.rejected.labels(self.model, self.method, "queue_wait").inc()
+            raise Overloaded(f"{self.method} for model {self.model!r} would wait ~{start * 1000:.0f} ms to start, "
+                             f"over the server's bound of {self.config.max_queue_batches:g} batch times "
+                             f"({bound * 1000:.0f} ms); retry later", start - bound)
         if deadline is None:
             return
-        start = self.expected_start_s()
         left = deadline - time.monotonic()
         if start >= left:
             self.metrics.rejected.labels(self.model, self.method, "would_miss_deadline").inc()

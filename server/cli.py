@@ -44,6 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight", action="append", default=[], metavar="METHOD=N",
                         help="calls of a method (predict, explain, probe) admitted at once; more are refused with "
                         "RESOURCE_EXHAUSTED and a retry hint (defaults: predict=64, explain=8, probe=8; repeatable)")
+    parser.add_argument("--max-queue-batches", type=float, default=2.0, metavar="B",
+                        help="refuse (RESOURCE_EXHAUSTED, retry hint) a call that would wait more than B batch times "
+                        "before it starts, whatever its deadline: under overload the admitted calls stay fast "
+                        "(default 2; 0 = only the deadline decides)")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="Probe: worker processes running attacks beside the server (default 1; 0 = on a "
                         "server thread, sharing Predict's GIL)")
@@ -74,6 +78,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         raise InvalidInput("--token-file", f"{args.token_file} is empty")
     if args.threads < 0 or args.poll < 0 or args.grace < 0 or args.max_batch < 1 or args.max_delay_ms < 0:
         raise InvalidInput("arguments", "--threads, --poll, --grace, --max-delay-ms must be >= 0, --max-batch >= 1")
+    if not args.max_queue_batches >= 0:  # also refuses nan
+        raise InvalidInput("--max-queue-batches", f"must be >= 0, got {args.max_queue_batches}")
     if args.probe_workers < 0 or args.probe_threads < 1:
         raise InvalidInput("arguments", "--probe-workers must be >= 0, --probe-threads >= 1")
     config = ServerConfig(
@@ -89,6 +95,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
                      probe=replace(config.probe, workers=max(1, args.probe_workers)))  # a batch per worker at once
     for method, limit in _inflight_limits(args.max_inflight).items():
         config = replace(config, **{method: replace(getattr(config, method), max_inflight=limit)})
+    for method in ("predict", "explain", "probe"):
+        config = replace(config, **{method: replace(getattr(config, method), max_queue_batches=args.max_queue_batches)})
     return config
 
 

@@ -14,13 +14,17 @@ class BatchConfig:
     """Dynamic batching of one method (Triton's per-model knobs): a batch closes when it holds `max_batch`
     images or when its first request has waited `max_delay_s`; at most `queue_size` requests wait. At most
     `max_inflight` calls of the method are admitted at once (decoding, queued or running); more are refused with
-    RESOURCE_EXHAUSTED and a retry hint before their request is even parsed (server/interceptors.py)."""
+    RESOURCE_EXHAUSTED and a retry hint before their request is even parsed (server/interceptors.py). A call that
+    would wait more than `max_queue_batches` batch times before it starts is refused too (server/batching.py)."""
 
     max_batch: int = 32
     max_delay_s: float = 0.005
     queue_size: int = 256
     workers: int = 1  # batches of this method run concurrently on this many executor threads
     max_inflight: int = 64
+    # A request is refused when it would wait more than this many batch times (the recent average) before it
+    # starts: admitted calls then finish within a few batch times however long their deadline (0 = no bound)
+    max_queue_batches: float = 2.0
 
 
 @dataclass(frozen=True)

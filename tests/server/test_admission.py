@@ -138,6 +138,30 @@ def test_a_call_that_cannot_start_before_its_deadline_is_refused_up_front(bundle
                       reason="would_miss_deadline") == 1
 
 
+@pytest.mark.slow  # a heavy Explain runs for seconds
+def test_a_call_that_would_wait_over_the_queue_bound_is_refused_whatever_its_deadline(bundle_dir, tmp_path):
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    cfg = config(repo)
+    cfg = replace(cfg, explain=replace(cfg.explain, max_queue_batches=0.25))
+    with BackgroundServer(cfg) as server, Client(f"127.0.0.1:{server.port}", timeout=60, attempts=1) as client:
+        client.explain(tensors(4, seed=1), "small", layers=LAYERS, depth=3, top_k_units=4, candidates=32)
+        busy = heavy_explain(server.port)  # the explain batcher now knows a batch takes seconds
+        try:
+            wait_inflight(server.metrics_port, "Explain", 1)
+            time.sleep(0.2)  # the heavy call is running: a new one would wait most of a batch time
+            start = time.perf_counter()
+            with pytest.raises(ServiceError) as info:
+                client.explain(tensors(1), "small", timeout=60)  # a deadline it could easily meet
+            took = time.perf_counter() - start
+        finally:
+            busy.cancel()
+        assert info.value.code == "RESOURCE_EXHAUSTED", info.value
+        assert "over the server's bound of 0.25 batch times" in info.value.message
+        assert took < 0.5
+        assert _value(_scrape(server.metrics_port), "conceptlens_rejected_requests_total", method="explain",
+                      reason="queue_wait") == 1
+
+
 def test_in_flight_gauge_returns_to_zero(limited):
     server = limited
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
@@ -159,3 +183,16 @@ def test_serve_max_inflight_sets_each_methods_limit(tmp_path):
     for bad in ("predict", "predict=0", "predict=x", "listmodels=3", "predict=²"):
         with pytest.raises(InvalidInput, match="--max-inflight"):
             build("--max-inflight", bad)
+
+
+def test_serve_max_queue_batches_bounds_every_methods_queue_wait(tmp_path):
+    def build(*extra: str):
+        argv = ["serve", "--models", str(tmp_path), *extra]
+        return build_config(build_parser(argv).parse_args(argv))
+
+    assert build().predict.max_queue_batches == 2.0
+    cfg = build("--max-queue-batches", "1.5")
+    assert (cfg.predict.max_queue_batches, cfg.explain.max_queue_batches, cfg.probe.max_queue_batches) == (1.5,) * 3
+    for bad in ("-1", "nan"):
+        with pytest.raises(InvalidInput, match="--max-queue-batches"):
+            build("--max-queue-batches", bad)
