@@ -1,7 +1,8 @@
 """Overload benchmark (issue 14): does the server shed early and keep its capacity under 4x overload?
 
 The real server runs in a subprocess (`conceptlens serve` on loopback, the default model from `models/`); this
-process is the load generator (grpc.aio, one call per image, raw tensors so client-side encoding is cheap).
+process is the load generator (gRPC futures on pre-serialised requests, replies unparsed: see `Load`), pinned
+away from the server's CPUs (`--server-cpus`) so that the two do not share a core.
 Phases, each bounded in time:
   1. unloaded: one client, back-to-back Predicts: the unloaded p50 / p99;
   2. capacity: `--clients` closed-loop clients for `--capacity-s` seconds: OK calls/s;
@@ -15,16 +16,16 @@ Phases, each bounded in time:
 At the end the server's /metrics counts are compared with this client's counts, code by code. Peak RSS is the
 server's VmHWM (its probe workers are separate processes, listed beside it).
 
-Prints a table and writes bench/results/overload.json.
+Every phase runs once per request shape (`--images-per-call`, default 1 and 8 images per Predict), each against a
+fresh server. Prints a table per shape and writes bench/results/overload.json.
 
-    nice -n 10 .venv/bin/python bench/overload.py [--duration 30] [--factor 4] [--deadline 1.0] [--clients 8]
-        [--server-arg=--max-inflight --server-arg=predict=32 ...]
+    .venv/bin/python bench/overload.py [--duration 30] [--factor 4] [--deadline 1.0] [--clients 8]
+        [--images-per-call 1,8] [--server-cpus 0] [--server-arg=--max-inflight --server-arg=predict=32 ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -53,10 +55,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(models: Path, metrics_port: int, extra: list[str], log) -> tuple[subprocess.Popen, int]:
+def cpu_set(text: str) -> set[int]:
+    """'0' or '0,2-3' as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def start_server(models: Path, metrics_port: int, extra: list[str], log,
+                 cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "conceptlens", "serve", "--models", str(models), "--host", "127.0.0.1",
            "--port", "0", "--poll", "0", "--metrics-port", str(metrics_port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # runs in the child
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=pin)
     line = proc.stdout.readline()
     if "listening on port" not in line:
         proc.kill()
@@ -103,47 +116,67 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Load:
-    """Calls of one kind, recorded as (start time, latency s, status code name)."""
+    """Calls of one method, recorded as (start time, latency s, status code name).
 
-    def __init__(self, stub: pb_grpc.ConceptLensStub, method: str, request, deadline: float) -> None:
-        self.call = getattr(stub, method)
-        self.request, self.deadline = request, deadline
+    The load generator must cost far less per call than the server, or it measures itself: requests are serialised
+    once, replies are not parsed (only their status counts), and calls are gRPC futures completed by gRPC's own
+    thread, not one asyncio task each.
+    """
+
+    def __init__(self, channel: grpc.Channel, method: str, request, deadline: float) -> None:
+        self.call = channel.unary_unary(f"/conceptlens.v1.ConceptLens/{method}")  # bytes in, bytes out
+        self.request, self.deadline = request.SerializeToString(), deadline
         self.records: list[tuple[float, float, str]] = []
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
 
-    async def one(self) -> None:
-        start = time.perf_counter()
-        try:
-            await self.call(self.request, timeout=self.deadline)
-            code = "OK"
-        except grpc.aio.AioRpcError as err:
-            code = err.code().name
-        self.records.append((start, time.perf_counter() - start, code))
+    def start(self, on_done=None) -> None:
+        """Send one call; `on_done()` runs when it ends (on gRPC's thread)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._pending += 1
 
-    async def closed(self, clients: int, seconds: float) -> None:
+        def done(future: grpc.Future) -> None:
+            code = future.code().name
+            with self._lock:
+                self.records.append((t0, time.perf_counter() - t0, code))
+                self._pending -= 1
+                self._idle.notify_all()
+            if on_done is not None:
+                on_done()
+
+        self.call.future(self.request, timeout=self.deadline).add_done_callback(done)
+
+    def wait(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+
+    def closed(self, clients: int, seconds: float) -> None:
+        """`clients` callers, each sending its next call when the last one ended, for `seconds`."""
         end = time.perf_counter() + seconds
 
-        async def client() -> None:
-            while time.perf_counter() < end:
-                await self.one()
+        def again() -> None:
+            if time.perf_counter() < end:
+                self.start(again)
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        for _ in range(clients):
+            self.start(again)
+        time.sleep(seconds)
+        self.wait()
 
-    async def open(self, rate: float, seconds: float) -> float:
+    def open(self, rate: float, seconds: float) -> float:
         """Arrivals at `rate` per second for `seconds` (independent of completions); returns the rate achieved."""
         start = time.perf_counter()
-        tasks: set[asyncio.Task] = set()
         sent = 0
         while (now := time.perf_counter()) - start < seconds:
             due = int((now - start) * rate) - sent
             for _ in range(max(0, due)):
-                task = asyncio.create_task(self.one())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self.start()
             sent += max(0, due)
-            await asyncio.sleep(0.001)
+            time.sleep(0.001)
         achieved = sent / (time.perf_counter() - start)
-        if tasks:
-            await asyncio.wait(tasks)
+        self.wait()
         return achieved
 
     def since(self, t0: float) -> list[tuple[float, float, str]]:
@@ -159,65 +192,71 @@ def summary(records: list[tuple[float, float, str]], seconds: float) -> dict:
             "shed_resource_exhausted": codes.get("RESOURCE_EXHAUSTED", 0) / failed if failed else None}
 
 
-async def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, window_s: float = 0.5) -> float:
+def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, window_s: float = 0.5) -> float:
     """Seconds from now until a `window_s` window of closed-loop calls reaches 90% of `capacity` (or `limit_s`)."""
     start = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < limit_s:
         t0 = time.perf_counter()
-        await load.closed(clients, window_s)
+        load.closed(clients, window_s)
         ok = sum(1 for r in load.since(t0) if r[2] == "OK")
         if ok / (time.perf_counter() - t0) >= 0.9 * capacity:
             return time.perf_counter() - start
     return elapsed
 
 
-async def run(args: argparse.Namespace, port: int) -> dict:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+def run(args: argparse.Namespace, port: int, images_per_call: int) -> dict:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ConceptLensStub(channel)
-        model = (await stub.ListModels(pb.ListModelsRequest(), timeout=30)).models[0]
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
         size, channels = model.input.size, model.input.channels
         x = np.random.default_rng(0).integers(0, 256, (channels, size, size), dtype=np.uint8)
         image = pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))
-        predict = pb.PredictRequest(model=model.model, images=[image])
-        out: dict = {"model": model.name, "input": f"{channels}x{size}x{size} uint8 tensor, 1 image per call"}
+        predict = pb.PredictRequest(model=model.model, images=[image] * images_per_call)
+        out: dict = {"model": model.name,
+                     "input": f"{channels}x{size}x{size} uint8 tensor, {images_per_call} image(s) per call"}
 
-        warm = Load(stub, "Predict", predict, 10.0)
-        await warm.closed(args.clients, 2.0)  # warm-up: sessions, batchers, moving averages
+        warm = Load(channel, "Predict", predict, 10.0)
+        warm.closed(args.clients, 2.0)  # warm-up: sessions, batchers, moving averages
 
-        unloaded = Load(stub, "Predict", predict, 10.0)
-        await unloaded.closed(1, args.unloaded_s)
+        unloaded = Load(channel, "Predict", predict, 10.0)
+        unloaded.closed(1, args.unloaded_s)
         out["unloaded"] = summary(unloaded.records, args.unloaded_s)
 
-        cap = Load(stub, "Predict", predict, 10.0)
-        await cap.closed(args.clients, args.capacity_s)
+        cap = Load(channel, "Predict", predict, 10.0)
+        cap.closed(args.clients, args.capacity_s)
         out["capacity"] = summary(cap.records, args.capacity_s)
         capacity = out["capacity"]["ok_per_s"]
 
-        over = Load(stub, "Predict", predict, args.deadline)
+        over = Load(channel, "Predict", predict, args.deadline)
         rate = args.factor * capacity
-        achieved = await over.open(rate, args.duration)
+        achieved = over.open(rate, args.duration)
         out["overload"] = summary(over.records, args.duration)
         out["overload"].update(offered_per_s=rate, achieved_offered_per_s=achieved)
 
-        rec = Load(stub, "Predict", predict, args.deadline)
-        out["recovery_s"] = await recovery(rec, args.clients, capacity)
+        rec = Load(channel, "Predict", predict, args.deadline)
+        out["recovery_s"] = recovery(rec, args.clients, capacity)
 
         # Probe bursts beside Predict at half capacity: the same Predict stream alone, then with the bursts
-        alone = Load(stub, "Predict", predict, args.deadline)
-        await alone.open(capacity / 2, args.probe_s)
+        alone = Load(channel, "Predict", predict, args.deadline)
+        alone.open(capacity / 2, args.probe_s)
         out["predict_alone"] = summary(alone.records, args.probe_s)
-        beside = Load(stub, "Predict", predict, args.deadline)
+        beside = Load(channel, "Predict", predict, args.deadline)
         probe_request = pb.ProbeRequest(model=model.model, images=[image], attack=pb.AttackSpec(
             kind=pb.AttackSpec.PGD, epsilon=8 / 255, steps=10))
-        probes = Load(stub, "Probe", probe_request, args.probe_deadline)
+        probes = Load(channel, "Probe", probe_request, args.probe_deadline)
 
-        async def bursts() -> None:
+        def bursts() -> None:
             end = time.perf_counter() + args.probe_s
             while time.perf_counter() < end:
-                await asyncio.gather(*(probes.one() for _ in range(args.probe_burst)))
-                await asyncio.sleep(0.5)
+                for _ in range(args.probe_burst):
+                    probes.start()
+                probes.wait()
+                time.sleep(0.5)
 
-        await asyncio.gather(beside.open(capacity / 2, args.probe_s), bursts())
+        burst_thread = threading.Thread(target=bursts)
+        burst_thread.start()
+        beside.open(capacity / 2, args.probe_s)
+        burst_thread.join()
         out["predict_beside_probes"] = summary(beside.records, args.probe_s)
         out["probes"] = summary(probes.records, args.probe_s)
 
@@ -229,30 +268,14 @@ async def run(args: argparse.Namespace, port: int) -> dict:
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default: models/)")
-    parser.add_argument("--duration", type=float, default=30.0, help="overload seconds (default 30)")
-    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate / capacity (default 4)")
-    parser.add_argument("--deadline", type=float, default=1.0, help="deadline of each overload call, s (default 1)")
-    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients for capacity (default 8)")
-    parser.add_argument("--capacity-s", type=float, default=10.0, help="capacity phase seconds (default 10)")
-    parser.add_argument("--unloaded-s", type=float, default=5.0, help="unloaded phase seconds (default 5)")
-    parser.add_argument("--probe-s", type=float, default=10.0, help="each probe-burst phase, seconds (default 10)")
-    parser.add_argument("--probe-burst", type=int, default=16, help="Probe calls per burst (default 16)")
-    parser.add_argument("--probe-deadline", type=float, default=5.0, help="Probe deadline, s (default 5)")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra `conceptlens serve` argument (repeat; use --server-arg=--flag for flags)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
-    args = parser.parse_args(argv)
-
+def measure(args: argparse.Namespace, images_per_call: int, server_args: list[str], server_cpus: set[int]) -> dict:
+    """Every phase against a fresh server, for one request shape; the ratios and the count comparison."""
     metrics_port = free_port()
     with tempfile.TemporaryFile("w+") as log:  # the server's log: its error lines are counted below
-        proc, port = start_server(args.models, metrics_port, args.server_arg, log)
+        proc, port = start_server(args.models, metrics_port, server_args, log, server_cpus or None)
         try:
             time.sleep(2.0)  # the probe worker imports torch beside the server; let it settle
-            result = asyncio.run(run(args, port))
+            result = run(args, port, images_per_call)
             time.sleep(0.5)  # the server counts a call after its status is sent
             server_counts = scrape(metrics_port)
             result["server_counts"] = {f"{m} {c}": n for (m, c), n in sorted(server_counts.items())}
@@ -267,27 +290,25 @@ def main(argv: list[str] | None = None) -> int:
         result["server_log"] = {"lines": len(lines), "error_lines": len(errors), "first_error": errors[:1]}
 
     cap, over = result["capacity"], result["overload"]
-    unloaded = result["unloaded"]
     result["ratios"] = {
         "goodput_over_capacity": over["ok_per_s"] / cap["ok_per_s"],
         "shed_resource_exhausted_share_of_failures": over["shed_resource_exhausted"],
-        "admitted_p99_over_unloaded_p99": over["p99_ms"] / unloaded["p99_ms"],
+        "admitted_p99_over_unloaded_p99": over["p99_ms"] / result["unloaded"]["p99_ms"],
         "predict_p99_beside_probes_over_alone": result["predict_beside_probes"]["p99_ms"]
         / result["predict_alone"]["p99_ms"],
         "predict_goodput_beside_probes_over_alone": result["predict_beside_probes"]["ok_per_s"]
         / result["predict_alone"]["ok_per_s"],
     }
-    mismatch = {k: (result["client_counts"].get(k, 0), result["server_counts"].get(k, 0))
-                for k in set(result["client_counts"]) | set(result["server_counts"])
-                if k.split()[0] in ("Predict", "Probe")
-                and result["client_counts"].get(k, 0) != result["server_counts"].get(k, 0)}
-    result["count_mismatches"] = mismatch
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg(),
-                         "server_args": args.server_arg}
+    client, server = result["client_counts"], result["server_counts"]
+    result["count_mismatches"] = {k: (client.get(k, 0), server.get(k, 0)) for k in set(client) | set(server)
+                                  if k.split()[0] in ("Predict", "Probe") and client.get(k, 0) != server.get(k, 0)}
+    result["load_avg_after"] = os.getloadavg()
+    return result
 
-    r = result["ratios"]
-    print(f"model {result['model']} ({result['input']}); {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f} at the end")
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    cap, over, unloaded, r = result["capacity"], result["overload"], result["unloaded"], result["ratios"]
+    print(f"\n== model {result['model']}, {result['input']} (load average {result['load_avg_after'][0]:.1f} after)")
     print(f"unloaded (1 client):   p50 {unloaded['p50_ms']:.1f} ms, p99 {unloaded['p99_ms']:.1f} ms")
     print(f"capacity ({args.clients} clients): {cap['ok_per_s']:.0f} calls/s, p99 {cap['p99_ms']:.1f} ms")
     print(f"overload {args.factor:g}x for {args.duration:g} s, {args.deadline:g} s deadlines: offered "
@@ -304,11 +325,59 @@ def main(argv: list[str] | None = None) -> int:
           f"x{r['predict_goodput_beside_probes_over_alone']:.2f}; probe codes {result['probes']['codes']}")
     print(f"peak RSS: server {result['peak_rss_mb']['server']:.0f} MB, probe workers "
           f"{', '.join(f'{m:.0f}' for m in result['peak_rss_mb']['probe_workers'])} MB")
-    print(f"client vs server counts: {mismatch or 'identical'}")
+    print(f"client vs server counts: {result['count_mismatches'] or 'identical'}")
     print(f"server log: {result['server_log']['lines']} lines, {result['server_log']['error_lines']} ERROR "
           f"{result['server_log']['first_error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default: models/)")
+    parser.add_argument("--duration", type=float, default=30.0, help="overload seconds (default 30)")
+    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate / capacity (default 4)")
+    parser.add_argument("--deadline", type=float, default=1.0, help="deadline of each overload call, s (default 1)")
+    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients for capacity (default 8)")
+    parser.add_argument("--capacity-s", type=float, default=10.0, help="capacity phase seconds (default 10)")
+    parser.add_argument("--unloaded-s", type=float, default=5.0, help="unloaded phase seconds (default 5)")
+    parser.add_argument("--probe-s", type=float, default=10.0, help="each probe-burst phase, seconds (default 10)")
+    parser.add_argument("--probe-burst", type=int, default=16, help="Probe calls per burst (default 16)")
+    parser.add_argument("--probe-deadline", type=float, default=5.0, help="Probe deadline, s (default 5)")
+    parser.add_argument("--images-per-call", default="1,8",
+                        help="request shapes measured one after the other, each against a fresh server: images per "
+                             "Predict, comma-separated (default 1,8)")
+    default_server = "0" if (os.cpu_count() or 1) >= 2 else ""
+    parser.add_argument("--server-cpus", default=default_server,
+                        help="CPUs the server (and its probe workers) may use, e.g. 0 or 0-1; '' = no pinning "
+                             f"(default {default_server!r}: the load generator gets the other CPUs, so it cannot "
+                             "starve the server it measures)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra `conceptlens serve` argument (repeat; use --server-arg=--flag for flags)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
+    args = parser.parse_args(argv)
+    shapes = [int(v) for v in args.images_per_call.split(",") if v.strip()]
+
+    server_cpus = cpu_set(args.server_cpus) if hasattr(os, "sched_setaffinity") else set()
+    server_args = list(args.server_arg)
+    if server_cpus:
+        client_cpus = set(os.sched_getaffinity(0)) - server_cpus
+        if not client_cpus:
+            parser.error(f"--server-cpus {args.server_cpus} leaves no CPU for the load generator")
+        os.sched_setaffinity(0, client_cpus)
+        if not any(a.startswith("--threads") for a in server_args):  # ONNX Runtime: one thread per pinned CPU
+            server_args += [f"--threads={len(server_cpus)}"]
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg(),
+               "server_args": server_args, "server_cpus": sorted(server_cpus),
+               "client_cpus": sorted(os.sched_getaffinity(0)) if server_cpus else None}
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before; server on CPUs "
+          f"{machine['server_cpus'] or 'any'}, load generator on {machine['client_cpus'] or 'any'}; server args "
+          f"{' '.join(server_args) or 'none'}")
+    results = {}
+    for n in shapes:
+        results[str(n)] = measure(args, n, server_args, server_cpus)
+        report(args, results[str(n)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps({"machine": machine, "images_per_call": results}, indent=2))
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 
