@@ -31,6 +31,7 @@ from conceptlens_client.kserve.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
+from . import grpc_logs
 from .config import ServerConfig
 from .interceptors import AdmissionInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
@@ -80,6 +81,7 @@ class ConceptLensServer:
 
     async def start(self) -> int:
         cfg = self.config
+        grpc_logs.install()  # a reply raced by its client's deadline is not an ERROR traceback per call
         interceptors: list[grpc.aio.ServerInterceptor] = [
             MetricsInterceptor(self.metrics, self.repository.names, lambda: self._stopping)]
         if cfg.token:
