@@ -29,6 +29,9 @@ Optional (older v1 manifests without it keep loading; the trace then flags on pl
                      class_thresholds]}: the detector behind the trace's adversarial_score and its calibrated
                      thresholds (handlers/detector.py); `file` (listed in `files`) holds the Mahalanobis class
                      means and precision; without `class_thresholds` every class is flagged above `threshold`
+    plausibility_calibration  {quantiles: {class: [101 numbers]}, images, data}: each class's clean raw
+                     plausibility quantiles, against which the trace's plausibility is served
+                     (handlers/plausibility.py); without it the raw plausibility is served
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class Manifest:
     provenance: dict[str, Any]
     files: dict[str, str]
     adversarial_detector: dict[str, Any] | None = None  # optional; see handlers/detector.py
+    plausibility_calibration: dict[str, Any] | None = None  # optional; see handlers/plausibility.py
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -121,8 +125,9 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["adversarial_detector"] is None:  # absent, as in manifests written before it existed
-            del data["adversarial_detector"]
+        for key in ("adversarial_detector", "plausibility_calibration"):
+            if data[key] is None:  # absent, as in manifests written before it existed
+                del data[key]
         return data
 
     @classmethod
@@ -388,8 +393,13 @@ def _parse_manifest(data: Any) -> Manifest:
         from .detector import parse_entry
 
         detector = parse_entry(detector, len(classes), names, files)
+    plausibility = data.get("plausibility_calibration")
+    if plausibility is not None:
+        from . import plausibility as P
+
+        plausibility = P.parse_entry(plausibility, classes)
     return Manifest(schema, name, version, arch, list(classes), spec, layers, cooccurrence, metrics, provenance,
-                    dict(files), detector)
+                    dict(files), detector, plausibility)
 
 
 def _parse_input(raw: Mapping[str, Any]) -> InputSpec:

@@ -12,7 +12,8 @@ replaced by its baseline b_k (mean activation on training data, 0 when unknown).
   two-step method applied to the unit's mean activation instead of a logit.
 
 A trace reports the top-k units by Δ (descending), the share of the layer's positive influence they carry, a
-plausibility score from the manifest's concept-class co-occurrence, an adversarial score and flag (the model's
+plausibility score from the manifest's concept-class co-occurrence (read against the class's own clean images when
+the manifest calibrates it, `handlers/plausibility.py`), an adversarial score and flag (the model's
 calibrated detector, `handlers/detector.py`) and a one-sentence summary such as
 "car: units for wheel (IoU .31) and window (IoU .22) carried 71% of the score".
 """
@@ -32,6 +33,7 @@ from .backends import ModelRuntime
 from .detector import detector_for
 from .hooks import capture, override
 from .modes import eval_mode
+from .plausibility import calibration_for
 
 EXACT_LAST = "exact-last-layer"
 SUFFIX = "suffix-rerun"
@@ -82,6 +84,7 @@ class TraceResult:
     adversarial: bool
     summary: str
     adversarial_score: float = 0.0  # in [0, 1], higher = more likely adversarial; `adversarial` thresholds it
+    raw_plausibility: float | None = None  # before the per-class calibration; = plausibility without one
 
 
 def last_layer_deltas(acts: np.ndarray, weight_c: np.ndarray, baselines: np.ndarray) -> np.ndarray:
@@ -130,7 +133,8 @@ def trace_image(
         layers.append(LayerTrace(layer, unit_traces, share, method))
     layers.reverse()
     deepest = layers[-1]
-    plaus = plausibility(runtime, deepest.units, runtime.classes[target])
+    raw = plausibility(runtime, deepest.units, runtime.classes[target])
+    plaus = _calibrated(runtime, raw, target)
     detector = detector_for(runtime)
     pooled = None
     if detector is not None:  # its layer's pooled activations: traced already, else one more ONNX pass
@@ -138,7 +142,14 @@ def trace_image(
             runtime.forward(image[None]).activations[detector.layer][0].mean(axis=(1, 2))
     ((score, adversarial),) = adversarial_flags(runtime, logits[None], None if pooled is None else pooled[None],
                                                 [plaus], plausibility_threshold)
-    return TraceResult(target, layers, plaus, adversarial, summarize(runtime.classes[target], deepest), score)
+    return TraceResult(target, layers, plaus, adversarial, summarize(runtime.classes[target], deepest), score, raw)
+
+
+def _calibrated(runtime: ModelRuntime, raw: float | None, target: int) -> float | None:
+    """The served plausibility: `raw` read against the target class's clean images when the manifest calibrates
+    it (handlers/plausibility.py), else `raw`."""
+    calibration = calibration_for(runtime)
+    return raw if calibration is None else calibration(raw, target)
 
 
 def adversarial_flags(runtime: ModelRuntime, logits: np.ndarray, pooled: np.ndarray | None,
@@ -232,10 +243,11 @@ def trace_last_layer(
                            map=activation_map(acts[i, k], options.map_size) if options.include_maps else None)
                  for k, d, a in zip(ks, ds, activations, strict=True)]
         trace = LayerTrace(layer, units, carried / total if total > 0 else 0.0, EXACT_LAST)
-        plaus = _table_plausibility(table, units, target) if has_cooc else None
+        raw = _table_plausibility(table, units, target) if has_cooc else None
+        plaus = _calibrated(runtime, raw, target)
         plaus_all.append(plaus)
         summary = summarize(runtime.classes[target], trace, name=lambda u: table.named[u.unit])
-        results.append(TraceResult(target, [trace], plaus, False, summary))
+        results.append(TraceResult(target, [trace], plaus, False, summary, raw_plausibility=raw))
     detector = detector_for(runtime)
     pooled = means if detector is not None and detector.layer == layer else None
     for result, (score, flag) in zip(results, adversarial_flags(runtime, logits, pooled, plaus_all,

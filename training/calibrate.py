@@ -14,6 +14,11 @@ through the served code path (ONNX Runtime forward, the trace's plausibility):
    Placing a 5% tail per class takes a few hundred images per class: the default calibration set has 6000
    (about 333 per class in each half).
 
+Before the detector, the trace's plausibility is calibrated per class (`handlers/plausibility.py`): the quantiles of
+the raw plausibility of all calibration images, by the class each is explained as, go into the manifest's
+`plausibility_calibration` entry, so the served plausibility (and a detector part that reads it) is the calibrated
+one. Bundles whose manifest has no co-occurrence table, or whose traced layer does not feed a linear head, skip it.
+
 The bundle gains `detector.safetensors` (listed with its sha256 under `files`) and the manifest's
 `adversarial_detector` entry; the manifest is replaced atomically and the bundle reloaded to check it. The other
 files are untouched, so their hashes stay valid.
@@ -32,6 +37,7 @@ import numpy as np
 
 from conceptlens.handlers import bundle as B
 from conceptlens.handlers import detector as D
+from conceptlens.handlers import plausibility as PL
 from conceptlens.handlers.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -42,9 +48,11 @@ DEFAULT_CALIBRATION = "shapes:6000:1000"  # val split: ShapesWorld seed 3001, ne
 
 
 def served_outputs(runtime: Any, images: np.ndarray, layer: str, *, batch_size: int = 256,
-                   plausibility: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   plausibility: bool = False,
+                   raw: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(logits (n, K), pooled activations of `layer` (n, C), plausibility of the predicted class (n,) or None),
-    from the ONNX forward pass and the exact last-layer trace, as the server computes them."""
+    from the ONNX forward pass and the exact last-layer trace, as the server computes them (`raw`: the
+    plausibility before the per-class calibration)."""
     from conceptlens.handlers.trace import TraceOptions, trace_last_layer
 
     logits, pooled, plaus = [], [], []
@@ -60,7 +68,8 @@ def served_outputs(runtime: Any, images: np.ndarray, layer: str, *, batch_size: 
             head_means = means if head.layer == layer else out.activations[head.layer].mean(axis=(2, 3))
             traces = trace_last_layer(runtime, out.logits, out.activations[head.layer], head_means,
                                       TraceOptions(layers=[head.layer]))
-            plaus.append(np.array([np.nan if t.plausibility is None else t.plausibility for t in traces]))
+            values = [t.raw_plausibility if raw else t.plausibility for t in traces]
+            plaus.append(np.array([np.nan if v is None else v for v in values]))
     return (np.concatenate(logits), np.concatenate(pooled), np.concatenate(plaus) if plausibility else None)
 
 
@@ -131,12 +140,32 @@ def calibrate_bundle(bundle_dir: str | Path, *, kind: str = DEFAULT_KIND, layer:
     size = bundle.manifest.input.size
     fit_images, fit_labels = dataset_images(fit, "train", size, fit_limit)
     calib_images, _ = dataset_images(calibration, "val", size)
+    if bundle.manifest.cooccurrence and runtime.head is not None:
+        write_plausibility(root, calibrate_plausibility(runtime, calib_images, f"{calibration} (val split)"))
+        runtime = ModelRuntime(B.load_bundle(root, verify_onnx=False), device="cpu")  # serves it from now on
+    else:
+        log.info("%s: no co-occurrence table or no linear head: the raw plausibility stays served", root)
     detector, report = fit_detector(runtime, kind=kind, layer=layer, fit_images=fit_images, fit_labels=fit_labels,
                                     calib_images=calib_images, fpr=fpr)
     entry = D.to_manifest(detector, {**report, "fit": f"{fit} (train split)",
                                      "calibration": f"{calibration} (val split)"})
     write_detector(root, detector, entry)
     return entry
+
+
+def calibrate_plausibility(runtime: Any, images: np.ndarray, source: str) -> dict[str, Any]:
+    """The manifest's `plausibility_calibration` entry from held-out clean images (their raw plausibility, by
+    predicted class; see handlers/plausibility.py)."""
+    logits, _, raw = served_outputs(runtime, images, runtime.head.layer, plausibility=True, raw=True)
+    quantiles, counts = PL.fit_reference(raw, logits.argmax(axis=1), len(runtime.classes))
+    return PL.to_manifest(quantiles, counts, runtime.classes, source)
+
+
+def write_plausibility(root: Path, entry: dict[str, Any]) -> None:
+    """Set the manifest's `plausibility_calibration` entry of the bundle at `root` (atomically) and re-check."""
+    data = json.loads((root / B.MANIFEST).read_text())
+    data[PL.ENTRY] = entry
+    _write_manifest(root, data)
 
 
 def write_detector(root: Path, detector: D.Detector, entry: dict[str, Any]) -> None:
@@ -151,6 +180,12 @@ def write_detector(root: Path, detector: D.Detector, entry: dict[str, Any]) -> N
         files[D.DETECTOR_FILE] = B.sha256_file(root / D.DETECTOR_FILE)
     data["files"] = files
     data["adversarial_detector"] = entry
+    _write_manifest(root, data)
+    log.info("%s: %s detector on %s, threshold %.4f for a %.0f%% clean flag rate", root, detector.kind,
+             detector.layer, detector.threshold, 100 * detector.target_fpr)
+
+
+def _write_manifest(root: Path, data: dict[str, Any]) -> None:
     B.Manifest.from_json(data)  # never write a manifest the loader would refuse
     fd, name = tempfile.mkstemp(prefix=".manifest.", dir=root)
     with os.fdopen(fd, "w") as fh:
@@ -158,8 +193,6 @@ def write_detector(root: Path, detector: D.Detector, entry: dict[str, Any]) -> N
     os.chmod(name, 0o644)
     os.replace(name, root / B.MANIFEST)
     B.load_bundle(root, verify_onnx=False)
-    log.info("%s: %s detector on %s, threshold %.4f for a %.0f%% clean flag rate", root, detector.kind,
-             detector.layer, detector.threshold, 100 * detector.target_fpr)
 
 
 def _training_data(manifest: B.Manifest) -> str:

@@ -17,7 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "layer's pooled activations plus max-softmax by default, standardised and thresholded per predicted class "
         "for a stated clean false-positive rate on held-out clean images. Writes detector.safetensors and the "
         "manifest's adversarial_detector entry (class_thresholds beside the global threshold); the other files "
-        "and their hashes are untouched. Prints the clean flag rate per class on the threshold images. "
+        "and their hashes are untouched. Prints the clean flag rate per class on the threshold images. The trace's "
+        "plausibility is calibrated per class on the same held-out images first (manifest plausibility_calibration). "
         "`conceptlens export` does the same for new bundles."
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory, e.g. models/shapes/1")
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(entry, indent=1))
     else:
         report = entry["calibration"]
+        plaus = json.loads((args.bundle / "manifest.json").read_text()).get("plausibility_calibration")
+        if plaus:
+            counts = ", ".join(f"{c} {n}" for c, n in plaus["images"].items())
+            print(f"{args.bundle}: trace plausibility calibrated per class against {plaus['data']} ({counts})")
         print(f"{args.bundle}: {entry['kind']} detector on {entry['layer']}, per-class thresholds for a "
               f"{100 * entry['target_fpr']:.1f}% clean flag rate (global threshold {entry['threshold']:.4f}; "
               f"measured {100 * report['clean_flag_rate']:.1f}% on {report['threshold_images']} held-out images)")

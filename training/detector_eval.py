@@ -30,6 +30,7 @@ CANDIDATES = ("max_softmax", "plausibility", "mahalanobis", "mahalanobis+max_sof
               "mahalanobis*0.7+max_softmax*0.3", "mahalanobis+plausibility", "mahalanobis+max_softmax+plausibility")
 RAW_BASELINES = ("max_softmax", "plausibility")  # scored as they are, without per-class standardisation
 BASELINE = "raw max_softmax"
+UNCALIBRATED = "raw plausibility, uncalibrated"  # before the per-class calibration of the bundle's manifest
 EVAL_DATA = "shapes:270:2000"  # test split: ShapesWorld seed 6002 (attacked; 30 images per class)
 FPR_DATA = "shapes:4500:3000"  # test split: ShapesWorld seed 9002 (clean only; 500 per class for flag rates)
 
@@ -88,6 +89,13 @@ def evaluate_detectors(cfg: DetectorEvalConfig) -> dict[str, Any]:
         for name, o in outputs.items():
             if o is not None:
                 scores[name][f"raw {raw}"] = D.raw_scores([raw], o[0], o[1], o[2], None, None)[raw]
+    # the trace plausibility before its per-class calibration (handlers/plausibility.py), when the bundle has one
+    uncalibrated = {}
+    if getattr(bundle.manifest, "plausibility_calibration", None):
+        for name, imgs in sets.items():
+            if outputs[name] is not None:
+                uncalibrated[name] = C.served_outputs(runtime, imgs, layer, plausibility=True, raw=True)[2]
+                scores[name][UNCALIBRATED] = 1.0 - np.nan_to_num(uncalibrated[name], nan=0.0)
     thresholds, calib_reports = {}, {}
     detectors = {}
     for kind in cfg.candidates:
@@ -142,8 +150,15 @@ def evaluate_detectors(cfg: DetectorEvalConfig) -> dict[str, Any]:
     # the trace's plausibility on the same clean images, per true class (docs/design.md §5.10): NaN = no unit qualified
     plaus = outputs["fpr_clean"][2]
     results["clean_plausibility"] = {
-        c: {"mean": _nanmean(plaus[labels == i]), "none": float(np.isnan(plaus[labels == i]).mean())}
+        c: {"mean": _nanmean(plaus[labels == i]), "none": float(np.isnan(plaus[labels == i]).mean()),
+            "below_0.1": float((np.nan_to_num(plaus[labels == i], nan=0.0) < 0.1).mean())}
         for i, c in enumerate(runtime.classes)}
+    if uncalibrated:
+        plaus = uncalibrated["fpr_clean"]
+        results["clean_plausibility_uncalibrated"] = {
+            c: {"mean": _nanmean(plaus[labels == i]), "none": float(np.isnan(plaus[labels == i]).mean()),
+                "below_0.1": float((np.nan_to_num(plaus[labels == i], nan=0.0) < 0.1).mean())}
+            for i, c in enumerate(runtime.classes)}
     results["best"] = choose_best(results)
     results["seconds"] = {"attacks": round(attack_s, 1), "total": round(time.perf_counter() - started, 1)}
     (out / "detectors.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -222,13 +237,18 @@ def to_markdown(results: dict[str, Any]) -> str:
                      f"{r[key][c]['value']:.3f} [{r[key][c]['low']:.3f}, {r[key][c]['high']:.3f}]" for c in classes]
             lines.append(f"| {kind} | {o['value']:.3f} [{o['low']:.3f}, {o['high']:.3f}] | " + " | ".join(cells) + " |")
         lines.append("")
-    plaus = results.get("clean_plausibility", {})
-    if plaus:
-        lines += ["Mean trace plausibility of the same clean images by true class (share with no qualifying unit, "
-                  "scored 0 by the detector, in brackets):", "", "| " + " | ".join(plaus) + " |",
-                  "| " + " | ".join("---" for _ in plaus) + " |",
-                  "| " + " | ".join("n/a" if p["mean"] is None else f"{p['mean']:.2f} ({p['none']:.2f})"
-                                    for p in plaus.values()) + " |", ""]
+    rows = [(label, results[key]) for label, key in (
+        ("served", "clean_plausibility"), ("uncalibrated", "clean_plausibility_uncalibrated")) if results.get(key)]
+    if rows:
+        names = list(rows[0][1])
+        lines += ["Trace plausibility of the same clean images by true class: mean over traces with a qualifying "
+                  "unit, then the share with none, then the share below 0.1 (no unit counted as 0):", "",
+                  "| plausibility | " + " | ".join(names) + " |", "| --- | " + " | ".join("---" for _ in names) + " |"]
+        for label, table in rows:
+            lines.append(f"| {label} | " + " | ".join(
+                ("n/a" if table[c]["mean"] is None else f"{table[c]['mean']:.2f}")
+                + f" / {table[c]['none']:.2f} / {table[c]['below_0.1']:.2f}" for c in names) + " |")
+        lines.append("")
     target = results["target_fpr"]
     within = [k for k, r in results["clean_flag_rates"].items() if max(r["by_class"].values()) <= 2 * target]
     rule = ("among those whose per-class clean flag rates stay within 2x the target" if within else

@@ -1,8 +1,9 @@
 """The adversarial score over the real server: a v1 manifest without the detector fields still loads and serves
 (score = 1 − plausibility, flag below the plausibility threshold), a detector entry written before per-class
 thresholds still flags on its global threshold while one with `class_thresholds` flags on the predicted class's,
-and a bundle calibrated in place serves the detector's score with its calibrated flag, equal to the offline
-computation. Real gRPC server on loopback."""
+a bundle calibrated in place serves the detector's score with its calibrated flag, equal to the offline
+computation, and a manifest's per-class plausibility calibration is what the served plausibility reads (without
+it, the raw plausibility as before). Real gRPC server on loopback."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 from serving_helpers import CLASSES, SIZE, config, make_repo
 
 from conceptlens.handlers import detector as D
+from conceptlens.handlers import plausibility as PL
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.bundle import load_bundle
 from conceptlens.server.background import BackgroundServer
-from conceptlens.training.calibrate import fit_detector, write_detector
+from conceptlens.training.calibrate import fit_detector, write_detector, write_plausibility
 from conceptlens_client import Client
 
 
@@ -72,6 +74,28 @@ def test_the_flag_uses_the_predicted_class_threshold_and_older_entries_the_globa
     assert [e.trace.adversarial for e in served[1]] == [bool(s > older.threshold) for s in scores]
     want = [bool(c == first) for c in out.logits.argmax(axis=1)]
     assert [e.trace.adversarial for e in served[2]] == want and want[0] and not all(want)
+
+
+def test_the_served_plausibility_reads_the_manifest_calibration_of_the_explained_class(bundle_dir, tmp_path):
+    """Version 2's calibration puts every clean reference of the first image's class at raw 0 (any trace is at least
+    as plausible: 1) and every other class's above 1 (no trace reaches them: 0); version 1 has none and serves the
+    raw plausibility, with no field when no unit qualifies."""
+    repo = make_repo(tmp_path / "repo", bundle_dir, versions=(1, 2))
+    runtime = ModelRuntime(load_bundle(repo / "small" / "1", verify_onnx=False), device="cpu")
+    rng = np.random.default_rng(7)  # plain colours: the untrained model predicts more than one class on them
+    pool = rng.random((32, 3, 1, 1), dtype=np.float32) * np.ones((1, 1, SIZE, SIZE), dtype=np.float32)
+    predicted = runtime.forward(pool).logits.argmax(axis=1)
+    first = int(predicted[0])
+    x = pool[[0, *[i for i in range(1, len(pool)) if predicted[i] != first][:1], 1, 2]]
+    quantiles = np.where((np.arange(len(CLASSES)) == first)[:, None], 0.0, 2.0) * np.ones((1, PL.GRID))
+    write_plausibility(repo / "small" / "2", PL.to_manifest(quantiles, [100] * len(CLASSES), CLASSES, "test"))
+    assert load_bundle(repo / "small" / "2").manifest.plausibility_calibration["data"] == "test"
+    with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        raw, calibrated = (client.explain(list(x), "small", version=v, top_k_units=128).explanations for v in (1, 2))
+    want = [1.0 if e.prediction.classes[0].index == first else 0.0 for e in calibrated]
+    assert [e.trace.plausibility for e in calibrated] == want and 0.0 in want and 1.0 in want
+    assert all(e.trace.HasField("plausibility") for e in calibrated)
+    assert any(0 < e.trace.plausibility < 1 for e in raw if e.trace.HasField("plausibility"))  # raw: a co-occurrence
 
 
 @pytest.mark.slow  # among the costliest measured: left out of `make test-fast`

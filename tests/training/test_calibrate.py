@@ -1,6 +1,7 @@
 """`conceptlens calibrate` on a copy of the embedded bundle: the per-class thresholds it stores flag about their target
-share of each class's held-out clean images it never saw (another ShapesWorld seed), the bundle's other files and
-hashes stay valid, and bad arguments are one-line errors."""
+share of each class's held-out clean images it never saw (another ShapesWorld seed), the served plausibility it
+calibrates per class no longer reads a whole class as implausible, the bundle's other files and hashes stay valid,
+and bad arguments are one-line errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conceptlens.cli import main
 from conceptlens.handlers.backends import ModelRuntime
 from conceptlens.handlers.bundle import load_bundle
 from conceptlens.handlers.detector import detector_for
-from conceptlens.training.calibrate import dataset_images
+from conceptlens.training.calibrate import dataset_images, served_outputs
 
 pytestmark = pytest.mark.slow  # ~30 s of CPU: 900 fit and 5400 held-out 64-px images through the bundle
 
@@ -50,6 +51,20 @@ def test_the_calibrated_threshold_gives_its_false_positive_rate_on_held_out_imag
         assert 0.03 <= flags[predicted == c].mean() <= 0.2, name
 
 
+def test_the_served_plausibility_is_calibrated_per_class(calibrated):
+    """Raw, a large share of one class's clean images (rockets, carried by units labelled with other classes'
+    concepts) falls below 0.1; calibrated, each class's share below 0.1 is about 0.1 (at most 2x)."""
+    runtime = ModelRuntime(load_bundle(calibrated, verify_onnx=False), device="cpu")
+    images, _ = dataset_images("shapes:900:2000", "test", 64)
+    logits, _, served = served_outputs(runtime, images, runtime.head.layer, plausibility=True)
+    _, _, raw = served_outputs(runtime, images, runtime.head.layer, plausibility=True, raw=True)
+    predicted = logits.argmax(axis=1)
+    raw_low = [np.mean(np.nan_to_num(raw[predicted == c], nan=0.0) < 0.1) for c in range(len(runtime.classes))]
+    served_low = [np.mean(served[predicted == c] < 0.1) for c in range(len(runtime.classes))]
+    assert max(raw_low) > 0.3 and not np.isnan(served).any()
+    assert max(served_low) <= 0.2, dict(zip(runtime.classes, served_low, strict=True))
+
+
 def test_the_other_files_are_untouched(calibrated):
     manifest = json.loads((calibrated / "manifest.json").read_text())
     original = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
@@ -58,6 +73,7 @@ def test_the_other_files_are_untouched(calibrated):
         assert (calibrated / name).read_bytes() == (DEFAULT_BUNDLE / name).read_bytes()
     assert manifest["adversarial_detector"]["calibration"]["threshold_images"] == 1800
     assert len(manifest["adversarial_detector"]["class_thresholds"]) == len(manifest["classes"])
+    assert set(manifest["plausibility_calibration"]["quantiles"]) == set(manifest["classes"])
 
 
 @pytest.mark.parametrize("args, message", [
