@@ -151,11 +151,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                                              ghosts=1, seed=cfg.probe_seed)
     shared_s = time.perf_counter() - t0
 
-    per_seed: dict[str, list[dict[str, Any]]] = {}
+    settings = {
+        "seeds": list(cfg.seeds), "lambda": cfg.lam, "csg_weight": cfg.csg_weight, "quick": cfg.quick,
+        "probe_images": cfg.probe_images, "probe_seed": cfg.probe_seed, "dissect_eps": eps,
+        "dissect_steps": cfg.attack_steps, "pool_images": cfg.pool_images, "test_images": cfg.test_images,
+        "eps_cap": cfg.eps_cap, "shared_eps": cfg.shared_eps, "surrogates": len(surrogates),
+        "base_config": str(cfg.base_config) if cfg.base_config else None, "overrides": common,
+        "regimes": {k: v for k, v in regimes.items()}, "resamples": cfg.resamples,
+    }
+    per_seed: dict[str, list[dict[str, Any]]] = {regime: [] for regime in regimes}
     detector_tables: dict[str, Any] = {}
-    for regime, extra in regimes.items():
-        per_seed[regime] = []
-        for seed in cfg.seeds:
+    # seed-major: an interrupted run has every regime at its first seeds, and results.json after every model
+    for seed in cfg.seeds:
+        for regime, extra in regimes.items():
             tc = train_config.load(cfg.base_config, [*common, *extra, f"run.seed={seed}"])
             run_dir = out / "runs" / regime / f"seed{seed}"
             t = time.perf_counter()
@@ -170,15 +178,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                      row["shared_pool_flip"])
             if cfg.detectors and seed == cfg.seeds[0]:
                 detector_tables[regime] = _detectors(model, run_dir, out, regime, cfg)
+            partial = summarize({r: rows for r, rows in per_seed.items() if rows}, cfg, detector_tables)
+            partial["settings"] = {**settings, "complete": False,
+                                   "seeds_done": {r: [row["seed"] for row in rows] for r, rows in per_seed.items()}}
+            (out / "results.json").write_text(json.dumps(partial, indent=1) + "\n")
+            (out / "results.md").write_text(to_markdown(partial))
     results = summarize(per_seed, cfg, detector_tables)
-    results["settings"] = {
-        "seeds": list(cfg.seeds), "lambda": cfg.lam, "csg_weight": cfg.csg_weight, "quick": cfg.quick,
-        "probe_images": cfg.probe_images, "probe_seed": cfg.probe_seed, "dissect_eps": eps,
-        "dissect_steps": cfg.attack_steps, "pool_images": cfg.pool_images, "test_images": cfg.test_images,
-        "eps_cap": cfg.eps_cap, "shared_eps": cfg.shared_eps, "surrogates": len(surrogates),
-        "base_config": str(cfg.base_config) if cfg.base_config else None, "overrides": common,
-        "regimes": {k: v for k, v in regimes.items()}, "resamples": cfg.resamples,
-    }
+    results["settings"] = {**settings, "complete": True}
     results["shared_pool"] = {"images": shared.attempted, "ensemble_success": shared.note,
                               "seconds": round(shared_s, 1)}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -377,6 +383,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         "| metric | " + " | ".join(regimes) + " |",
         "| --- | " + " | ".join("---" for _ in regimes) + " |",
     ]
+    if s.get("complete") is False:
+        done = "; ".join(f"{r}: {seeds}" for r, seeds in s.get("seeds_done", {}).items())
+        lines[2:2] = [f"**Partial results, the run is not finished.** Seeds measured so far: {done}.", ""]
     for key, (label, _) in METRICS.items():
         lines.append(f"| {label} | " + " | ".join(_cell(results["regimes"][r].get(key)) for r in regimes) + " |")
     lines += ["", "## Adversarial pools: how often the attacks did what they claim", "",

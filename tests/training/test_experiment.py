@@ -18,6 +18,7 @@ def test_experiment_paper_quick_writes_results(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     results = json.loads((out / "results.json").read_text())
     assert printed == results
+    assert results["settings"]["complete"] is True  # the results written after each model were partial
     assert list(results["regimes"]) == ["pgd_at", "consistent", "csg"]
     for regime, row in results["regimes"].items():
         for key in ("clean_accuracy", "robust_accuracy", "consistency_real", "consistency_all",
