@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from conceptlens.training.dissect.engine import MASK_SIZE
+
     parser.description = (
         "Network Dissection of a run or bundle on a concept dataset: per-unit top-q thresholds from a streaming "
         "sketch, IoU with every concept, labels and detectors; unit consistency, MIS and (with --adversarial) "
@@ -52,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "warning if it would fill more than half the free space)")
     parser.add_argument("--no-cache", action="store_true",
                         help="run the model again in pass 2 instead of caching pass 1 on disk")
+    parser.add_argument("--mask-size", type=int, default=MASK_SIZE,
+                        help=f"count the IoU on masks of at most this many pixels a side, longer ones subsampled "
+                             f"(default {MASK_SIZE}: NetDissect's resolution for 224-px Broden; 0: the masks' own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random start and targets")
     parser.add_argument("--json", action="store_true", help="print the per-layer metrics as JSON")
 
@@ -70,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--quantile", f"must be in (0, 1), got {args.quantile}")
     if not 0 <= args.eps <= 1:
         raise InvalidInput("--eps", f"must be in [0, 1], got {args.eps}")
+    if args.mask_size < 0:
+        raise InvalidInput("--mask-size", f"must be >= 0, got {args.mask_size}")
     if args.max_images is not None and args.max_images < 1:
         raise InvalidInput("--max-images", f"must be >= 1, got {args.max_images}")
     if args.out.exists() and not args.out.is_dir():
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, top_k=args.top_k, adversarial=args.adversarial,
                            eps=args.eps, steps=args.steps, seed=args.seed, max_images=args.max_images,
                            cache=not args.no_cache, cache_dir=str(args.cache_dir) if args.cache_dir else None,
-                           chunk_bytes=args.chunk_mb << 20)
+                           chunk_bytes=args.chunk_mb << 20, mask_size=args.mask_size or None)
     start = time.perf_counter()
     result = dissect(model, data, config, affinity=affinity)
     seconds = time.perf_counter() - start

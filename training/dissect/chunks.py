@@ -80,6 +80,21 @@ def unpack(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None, dic
     return images, labels, dict(masks)
 
 
+def mask_resolution(masks: Mapping[str, torch.Tensor], longest: int | None) -> dict[str, torch.Tensor]:
+    """Masks (B, H, W) whose longer side exceeds `longest`, subsampled by nearest neighbour (F.interpolate's
+    'nearest' source pixel, floor(i·H/h)) to that side; others, and all with `longest` None, unchanged. At 224 px
+    to 112 that takes every other pixel: a Broden mask stored at 112 and read at 224 comes back exactly."""
+    first = next(iter(masks.values()))
+    height, width = first.shape[-2:]
+    if longest is None or max(height, width) <= longest:
+        return dict(masks)
+    h, w = (max(1, round(n * longest / max(height, width))) for n in (height, width))
+    rows = (torch.arange(h, dtype=torch.float64) * (height / h)).floor().long().clamp_(max=height - 1)
+    cols = (torch.arange(w, dtype=torch.float64) * (width / w)).floor().long().clamp_(max=width - 1)
+    rows, cols = rows.to(first.device), cols.to(first.device)
+    return {cat: m.index_select(-2, rows).index_select(-1, cols) for cat, m in masks.items()}
+
+
 def forward(model: ImageClassifier, layers: Sequence[str], images: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Logits and the detached activations of `layers`, without gradients."""
     with torch.no_grad(), capture(model, layers, detach=True) as acts:
@@ -93,8 +108,9 @@ class ChunkStream:
 
     def __init__(self, dataset: Dataset, table: MaskTable, device: torch.device, *, batch_size: int,
                  chunk_bytes: int, num_workers: int = 0, max_images: int | None = None,
-                 labelled: bool = True) -> None:
+                 labelled: bool = True, mask_size: int | None = None) -> None:
         n = len(dataset) if max_images is None else min(len(dataset), max_images)
+        self.mask_size = mask_size  # masks with a longer side are subsampled to it (`mask_resolution`)
         self.labelled = labelled  # False: the images' classes are not the model's (ignore them)
         self.dataset = dataset if n == len(dataset) else Subset(dataset, range(n))
         self.images = n
@@ -110,6 +126,7 @@ class ChunkStream:
         start = 0
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
             images, labels, masks = unpack(batch)
+            masks = mask_resolution(masks, self.mask_size)
             labels = labels if self.labelled else None
             images = images.to(self.device)
             acts = forward(model, layers, images)[1] if model is not None else {}

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 R_BINS = 20
 TAIL_MARGIN = 8  # the threshold sketch keeps values above each unit's (1 - 8q) quantile of the first chunk
+# The IoU is counted on masks of at most 112 px a side, NetDissect's segmentation resolution for 224-px Broden
+# images (docs/design.md §5.4): a 224-px concept set is scored at 112 px, a quarter of the pixels.
+MASK_SIZE = 112
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class DissectConfig:
     cache: bool = True  # keep what pass 2 needs from pass 1 (`ChunkCache`) instead of running the model again
     cache_dir: str | None = None  # where the cache files go; None: the system temp directory
     chunk_bytes: int = 32 << 20  # activations + masks per bookkeeping update (at least one batch)
+    mask_size: int | None = MASK_SIZE  # IoU resolution: longer masks are subsampled to it; None: the masks' own
 
 
 @dataclass
@@ -112,6 +116,8 @@ def dissect(
         resolve_layer(model, layer)
     if not 0 < config.quantile < 1:
         raise InvalidInput("quantile", f"must be in (0, 1), got {config.quantile}")
+    if config.mask_size is not None and config.mask_size < 1:
+        raise InvalidInput("mask_size", f"must be >= 1 (or None for the masks' own size), got {config.mask_size}")
     concepts = concepts_of(dataset)
     categories, concept_cat = concept_table(concepts)
     classes = list(model.classes)
@@ -123,7 +129,7 @@ def dissect(
                     "co-occurrence) are skipped", data_classes[:4], classes[:4])
     stream = ChunkStream(dataset, MaskTable(concept_cat, categories), device, batch_size=config.batch_size,
                          chunk_bytes=config.chunk_bytes, num_workers=config.num_workers,
-                         max_images=config.max_images, labelled=labelled)
+                         max_images=config.max_images, labelled=labelled, mask_size=config.mask_size)
     directory = (config.cache_dir or tempfile.gettempdir()) if config.cache else None
     with eval_mode(model), ChunkCache(directory, stream.images, memory_bytes=config.chunk_bytes) as cache:
         stats = _first_pass(model, stream, config, layers, concepts, classes, cache)

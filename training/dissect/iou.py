@@ -1,6 +1,7 @@
 """IoU between thresholded unit maps and concept masks, summed over a dataset, batched on the data's device.
 
-For unit k and concept c (docs/design.md §5): M_k(x) = bilinear_upsample(A_k(x)) > T_k at the mask resolution and
+For unit k and concept c (docs/design.md §5.4): M_k(x) = bilinear_upsample(A_k(x)) > T_k at the mask resolution
+(the engine's `mask_size`, 112 px a side at most by default) and
 IoU_{k,c} = Σ_x |M_k(x) ∩ L_c(x)| / Σ_x |M_k(x) ∪ L_c(x)|. As in NetDissect, an image counts towards a concept's
 union only if its category is annotated in that image (any non-zero pixel in the category's mask): a scene label
 missing from half of Broden must not count as a miss there. On ShapesWorld every category is annotated in every
