@@ -92,8 +92,10 @@ def test_the_served_plausibility_reads_the_manifest_calibration_of_the_explained
     assert load_bundle(repo / "small" / "2").manifest.plausibility_calibration["data"] == "test"
     with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60) as client:
         raw, calibrated = (client.explain(list(x), "small", version=v, top_k_units=128).explanations for v in (1, 2))
+        deep = client.explain(list(x[:2]), "small", version=2, layers=["layer2", "layer3"]).explanations  # per image
     want = [1.0 if e.prediction.classes[0].index == first else 0.0 for e in calibrated]
     assert [e.trace.plausibility for e in calibrated] == want and 0.0 in want and 1.0 in want
+    assert [e.trace.plausibility for e in deep] == want[:2] == [1.0, 0.0]
     assert all(e.trace.HasField("plausibility") for e in calibrated)
     assert any(0 < e.trace.plausibility < 1 for e in raw if e.trace.HasField("plausibility"))  # raw: a co-occurrence
 
