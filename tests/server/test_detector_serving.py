@@ -31,6 +31,7 @@ def test_a_manifest_without_the_detector_fields_loads_and_serves(bundle_dir, tmp
     repo = make_repo(tmp_path / "repo", bundle_dir)
     manifest = json.loads((repo / "small" / "1" / "manifest.json").read_text())
     assert "adversarial_detector" not in manifest and manifest["schema_version"] == 1  # written as before
+    assert "plausibility_calibration" not in manifest  # and without the per-class plausibility calibration
     with BackgroundServer(config(repo)) as server, Client(f"127.0.0.1:{server.port}", timeout=60) as client:
         explanations = client.explain(list(_images(4, 5)), "small", top_k_units=128).explanations
     assert len(explanations) == 4
