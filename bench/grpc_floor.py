@@ -11,7 +11,7 @@ One run, side by side, each server pinned to one CPU (`--server-cpu`) and the lo
   4. the same server with `--max-inflight predict=1` under a rate it must mostly refuse ("Predict refused").
 For each: server CPU seconds per call (from /proc/PID/stat), calls by status code.
 
-    .venv/bin/python bench/grpc_floor.py [--rate 1500] [--seconds 5]
+    .venv/bin/python bench/grpc_floor.py [--rate 1000] [--ok-rate 300] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def measure(name: str, cmd: list[str], port: int, request: bytes, rate: float, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=1500.0, help="calls/s offered to the refusing servers")
-    parser.add_argument("--ok-rate", type=float, default=200.0, help="calls/s offered for the OK measurements")
+    parser.add_argument("--rate", type=float, default=1000.0, help="calls/s offered to the refusing servers")
+    parser.add_argument("--ok-rate", type=float, default=300.0, help="calls/s offered for the OK measurements")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--models", type=Path, default=ROOT / "models")
