@@ -73,5 +73,8 @@ def test_bad_arguments_are_one_line_errors(run_dir, tmp_path, capsys):
     assert main(["dissect", "--model", str(run_dir), "--data", "shapes:8", "--out", str(tmp_path / "r"),
                  "--chunk-mb", "0"]) == 2
     assert "--chunk-mb: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["dissect", "--model", str(run_dir), "--data", "shapes:8", "--out", str(tmp_path / "r"),
+                 "--mask-size", "-1"]) == 2
+    assert "--mask-size: must be >= 0, got -1" in capsys.readouterr().err
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "not a training run" in capsys.readouterr().err
