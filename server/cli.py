@@ -44,10 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight", action="append", default=[], metavar="METHOD=N",
                         help="calls of a method (predict, explain, probe) admitted at once; more are refused with "
                         "RESOURCE_EXHAUSTED and a retry hint (defaults: predict=64, explain=8, probe=8; repeatable)")
-    parser.add_argument("--max-queue-batches", type=float, default=2.0, metavar="B",
+    parser.add_argument("--max-queue-batches", type=float, default=1.0, metavar="B",
                         help="refuse (RESOURCE_EXHAUSTED, retry hint) a call that would wait more than B batch times "
                         "before it starts, whatever its deadline: under overload the admitted calls stay fast "
-                        "(default 2; 0 = only the deadline decides)")
+                        "(default 1; 0 = only the deadline decides)")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="Probe: worker processes running attacks beside the server (default 1; 0 = on a "
                         "server thread, sharing Predict's GIL)")

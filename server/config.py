@@ -24,7 +24,7 @@ class BatchConfig:
     max_inflight: int = 64
     # A request is refused when it would wait more than this many batch times (the recent average) before it
     # starts: admitted calls then finish within a few batch times however long their deadline (0 = no bound)
-    max_queue_batches: float = 2.0
+    max_queue_batches: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ def test_serve_max_queue_batches_bounds_every_methods_queue_wait(tmp_path):
         argv = ["serve", "--models", str(tmp_path), *extra]
         return build_config(build_parser(argv).parse_args(argv))
 
-    assert build().predict.max_queue_batches == 2.0
+    assert build().predict.max_queue_batches == 1.0
     cfg = build("--max-queue-batches", "1.5")
     assert (cfg.predict.max_queue_batches, cfg.explain.max_queue_batches, cfg.probe.max_queue_batches) == (1.5,) * 3
     for bad in ("-1", "nan"):
