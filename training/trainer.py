@@ -115,13 +115,15 @@ def git_commit() -> str | None:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> Any:
-    """Per-step LR schedule: cosine to 0, step decay every `step_size` epochs, one-cycle, or constant."""
+    """Per-step LR schedule: cosine to 0, step decay every `step_size` epochs, one-cycle (constant below 3 steps,
+    too few for its two phases), or constant."""
     o = config.optim
     total = max(1, config.run.epochs * steps_per_epoch)
-    if o.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=o.lr, total_steps=total, pct_start=o.warmup_fraction
-        )
+    if o.schedule == "onecycle" and total >= 3:
+        # OneCycleLR divides by the length of each phase: keep at least one step of warm-up and one of decay
+        # (a short run, e.g. a small fine-tune set, would otherwise end in ZeroDivisionError)
+        pct = min(max(o.warmup_fraction, 2 / total), (total - 1) / total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=o.lr, total_steps=total, pct_start=pct)
     if o.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     if o.schedule == "step":
