@@ -45,17 +45,23 @@ def test_a_manifest_without_the_detector_fields_loads_and_serves(bundle_dir, tmp
     assert any(exp.trace.HasField("plausibility") for exp in explanations)
 
 
+def _two_class_images(repo):
+    """Version 1's runtime, four plain-colour images of which the untrained model predicts at least two classes,
+    and the class predicted for the first."""
+    runtime = ModelRuntime(load_bundle(repo / "small" / "1", verify_onnx=False), device="cpu")
+    rng = np.random.default_rng(7)
+    pool = rng.random((32, 3, 1, 1), dtype=np.float32) * np.ones((1, 1, SIZE, SIZE), dtype=np.float32)
+    predicted = runtime.forward(pool).logits.argmax(axis=1)
+    first = int(predicted[0])
+    return runtime, pool[[0, *[i for i in range(1, len(pool)) if predicted[i] != first][:1], 1, 2]], first
+
+
 def test_the_flag_uses_the_predicted_class_threshold_and_older_entries_the_global_one(bundle_dir, tmp_path):
     """Version 1 holds a max-softmax detector entry as written before per-class thresholds (global threshold only),
     version 2 the same detector with `class_thresholds`: 0 for the first image's predicted class (always flagged),
     1 for the others (never), and a global threshold of 1 that would flag nothing."""
     repo = make_repo(tmp_path / "repo", bundle_dir, versions=(1, 2))
-    runtime = ModelRuntime(load_bundle(repo / "small" / "1", verify_onnx=False), device="cpu")
-    rng = np.random.default_rng(7)  # plain colours: the untrained model predicts more than one class on them
-    pool = rng.random((32, 3, 1, 1), dtype=np.float32) * np.ones((1, 1, SIZE, SIZE), dtype=np.float32)
-    predicted = runtime.forward(pool).logits.argmax(axis=1)
-    first = int(predicted[0])
-    x = pool[[0, *[i for i in range(1, len(pool)) if predicted[i] != first][:1], 1, 2]]  # two classes at least
+    runtime, x, first = _two_class_images(repo)
     k = len(CLASSES)
     detector = D.Detector("max_softmax", "layer3", 0.0, 0.05, {"max_softmax": np.zeros(k)},
                           {"max_softmax": np.ones(k)})
@@ -82,12 +88,7 @@ def test_the_served_plausibility_reads_the_manifest_calibration_of_the_explained
     as plausible: 1) and every other class's above 1 (no trace reaches them: 0); version 1 has none and serves the
     raw plausibility, with no field when no unit qualifies."""
     repo = make_repo(tmp_path / "repo", bundle_dir, versions=(1, 2))
-    runtime = ModelRuntime(load_bundle(repo / "small" / "1", verify_onnx=False), device="cpu")
-    rng = np.random.default_rng(7)  # plain colours: the untrained model predicts more than one class on them
-    pool = rng.random((32, 3, 1, 1), dtype=np.float32) * np.ones((1, 1, SIZE, SIZE), dtype=np.float32)
-    predicted = runtime.forward(pool).logits.argmax(axis=1)
-    first = int(predicted[0])
-    x = pool[[0, *[i for i in range(1, len(pool)) if predicted[i] != first][:1], 1, 2]]
+    _, x, first = _two_class_images(repo)
     quantiles = np.where((np.arange(len(CLASSES)) == first)[:, None], 0.0, 2.0) * np.ones((1, PL.GRID))
     write_plausibility(repo / "small" / "2", PL.to_manifest(quantiles, [100] * len(CLASSES), CLASSES, "test"))
     assert load_bundle(repo / "small" / "2").manifest.plausibility_calibration["data"] == "test"
