@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,8 +29,10 @@ import numpy as np
 
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overload import Load, free_port  # sibling bench module: the same load generator
+
 ROOT = Path(__file__).resolve().parents[1]
-PREDICT = "/conceptlens.v1.ConceptLens/Predict"
 
 TRIVIAL_SERVER = """
 import asyncio, sys, grpc
@@ -56,45 +55,21 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def drive(port: int, request: bytes, rate: float, seconds: float) -> Counter:
-    """Open-loop calls at `rate`/s for `seconds` (1 s deadlines); their status codes."""
-    codes: Counter = Counter()
-    lock = threading.Lock()
-    pending = [0]
+def drive(port: int, request: pb.PredictRequest, rate: float, seconds: float) -> Counter:
+    """Open-loop Predicts at `rate`/s for `seconds` (1 s deadlines), with overload.py's load generator; their
+    status codes."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(PREDICT)
-
-        def done(future: grpc.Future) -> None:
-            with lock:
-                codes[future.code().name] += 1
-                pending[0] -= 1
-
-        start, sent = time.perf_counter(), 0
-        while (now := time.perf_counter()) - start < seconds:
-            due = int((now - start) * rate) - sent
-            for _ in range(max(0, due)):
-                with lock:
-                    pending[0] += 1
-                call.future(request, timeout=1.0).add_done_callback(done)
-            sent += max(0, due)
-            time.sleep(0.001)
-        while pending[0]:
-            time.sleep(0.01)
-    return codes
+        load = Load(channel, "Predict", request, deadline=1.0)
+        load.open(rate, seconds)
+    return Counter(code for _, _, code in load.records)
 
 
-def measure(name: str, cmd: list[str], port: int, request: bytes, rate: float, seconds: float, cpu: int,
+def measure(name: str, cmd: list[str], port: int, request: pb.PredictRequest, rate: float, seconds: float, cpu: int,
             ready: str) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
@@ -130,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     x = np.zeros((3, 64, 64), np.uint8)
     request = pb.PredictRequest(model="shapes", images=[pb.Image(tensor=pb.Tensor(
-        shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))]).SerializeToString()
+        shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))])
     rows = []
     for mode, rate in (("ok", args.ok_rate), ("refuse", args.rate)):
         port = free_port()
