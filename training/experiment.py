@@ -61,7 +61,10 @@ METRICS: dict[str, tuple[str, bool]] = {
     "r_mean": ("mean r (< 0.5 = follows the look)", False),
     "label_stability": ("label stability", True),
     "mis": ("MIS (nats)", True),
+    "feature_gap": ("representation gap ‖φ(x) − φ(x*)‖² / ‖φ(x)‖², PGD at training ε", False),
 }
+# metrics measured on the dissection's own targeted PGD images, whose success rate is reported beside them
+ON_DISSECTION_PGD = ("consistency_all", "label_stability", "r_mean")
 POOL_METRICS = ("dissect_attack_success", "white_box_flip_rate", "white_box_median_eps", "shared_pool_flip",
                 "shared_pool_target_hit")
 COMPARISONS = [("consistent", "pgd_at"), ("pgd_at", "standard"), ("csg", "standard"), ("csg_consistent", "consistent")]
@@ -166,12 +169,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         for regime, extra in regimes.items():
             tc = train_config.load(cfg.base_config, [*common, *extra, f"run.seed={seed}"])
             run_dir = out / "runs" / regime / f"seed{seed}"
-            t = time.perf_counter()
             model = _train(tc, run_dir)
-            train_s = time.perf_counter() - t
+            t = time.perf_counter()
             row = _measure(model, tc, cfg, probe, pool_x, pool_y, test_x, test_y, shared, shared_targets, eps,
-                           out / "dissect" / regime / f"seed{seed}")
-            row["seed"], row["train_seconds"] = seed, round(train_s, 1)
+                           out / "dissect" / regime / f"seed{seed}", gap_layers=train_config.traced_layers(base))
+            row["seed"], row["train_seconds"] = seed, _train_seconds(run_dir)
+            row["measure_seconds"] = round(time.perf_counter() - t, 1)
             per_seed[regime].append(row)
             log.info("%s seed %d: clean %.3f, robust %.3f, white-box flip rate %.3f, shared pool flip %.3f", regime,
                      seed, np.mean(row["clean_correct"]), np.mean(row["robust_correct"]), row["white_box_flip_rate"],
@@ -188,6 +191,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     results["shared_pool"] = {"images": shared.attempted, "ensemble_success": shared.note,
                               "seconds": round(shared_s, 1)}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    # a resumed run reuses finished trainings, so its wall time undercounts: the sum of every step's own time
+    # (each training's epochs as the trainer logged them, each model's measurement, the surrogates and the
+    # shared pool) is what one uninterrupted run would take on this machine
+    results["compute_seconds"] = round(sum(s for run in (out / "runs" / "surrogates").glob("s*")
+                                           for s in [_train_seconds(run)]) + shared_s + sum(
+        row["train_seconds"] + row["measure_seconds"] for rows in per_seed.values() for row in rows), 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     figures = write_figures(results, out / "figures")
     results["figures"] = [str(p.relative_to(out)) for p in figures]
@@ -207,8 +216,17 @@ def _train(tc: Any, run_dir: Path) -> Any:
     return load_run(run_dir).eval()
 
 
+def _train_seconds(run_dir: Path) -> float:
+    """The training time the trainer logged for `run_dir` (sum of its epochs), also for a reused run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return round(sum(r.get("train_seconds", 0.0) for r in rows if r.get("kind") == "epoch"), 1)
+
+
 def _measure(model, tc, cfg: ExperimentConfig, probe, pool_x, pool_y, test_x, test_y, shared, shared_targets,
-             eps: float, report_dir: Path) -> dict[str, Any]:
+             eps: float, report_dir: Path, gap_layers: Sequence[str]) -> dict[str, Any]:
     """One trained model's per-unit and per-image measurements (lists, so intervals can resample them)."""
     import torch
 
@@ -239,6 +257,7 @@ def _measure(model, tc, cfg: ExperimentConfig, probe, pool_x, pool_y, test_x, te
     row["clean_correct"] = (logits.argmax(1) == test_y).float().tolist()
     robust = PGD(model, eps=eps, steps=cfg.attack_steps, random_start=False)(pool_x, pool_y)  # true labels
     row["robust_correct"] = (~robust.success.cpu()).float().tolist()
+    row["feature_gap"] = _feature_gap(model, gap_layers, pool_x, robust.adv)
     white = P.minimal_eps_pool(model, pool_x, eps_cap=cfg.eps_cap, steps=cfg.attack_steps)
     row["white_box_flip_rate"] = white.flip_rate
     row["white_box_median_eps"] = white.summary()["median_eps"]
@@ -271,6 +290,24 @@ def _peaks(model, layers: Sequence[str], images) -> dict[str, Any]:
             for name in layers:
                 out[name].append(acts[name].amax((2, 3)).cpu())
     return {name: torch.cat(v) for name, v in out.items()}
+
+
+def _feature_gap(model, layers: Sequence[str], clean, adv) -> list[float]:
+    """Per image, Σ over `layers` of ‖φ(x) − φ(x*)‖² / ‖φ(x)‖²: the quantity the consistency term of the loss
+    minimises (`training/losses.relative_squared`), measured on held-out images so every regime can be compared
+    on what the consistent loss is supposed to change."""
+    import torch
+
+    from conceptlens.handlers.hooks import capture
+    from conceptlens.handlers.modes import eval_mode
+
+    with eval_mode(model), torch.no_grad(), capture(model, layers, detach=True) as acts:
+        model(clean)
+        real = {name: acts[name].flatten(1).float() for name in layers}
+        model(adv.to(clean.device))
+        gap = sum(((real[n] - acts[n].flatten(1).float()).pow(2).sum(1) / real[n].pow(2).sum(1).clamp_min(1e-12))
+                  for n in layers)
+    return gap.cpu().tolist()
 
 
 def _pool_consistency(real, real_cls, adv, adv_cls, k: int, n_cls: int) -> list[float]:
@@ -318,6 +355,8 @@ def _groups(rows: list[dict[str, Any]], key: str) -> list[list[float]]:
     for row in rows:
         if key in ("clean_accuracy", "robust_accuracy"):
             values = row["clean_correct" if key == "clean_accuracy" else "robust_correct"]
+        elif key == "feature_gap":
+            values = row.get(key) or []
         elif key in ("label_stability", "r_mean"):
             values = [v for v in row[key] if v is not None]
         elif key in POOL_METRICS:
@@ -358,6 +397,14 @@ def summarize(per_seed: dict[str, list[dict[str, Any]]], cfg: ExperimentConfig,
     return {"regimes": regimes, "comparisons": comparisons, "detectors": detector_tables}
 
 
+def _compute_note(results: dict[str, Any]) -> str:
+    seconds = results.get("compute_seconds")
+    if seconds is None:
+        return ""
+    return (f" (this run reused finished trainings; every step's own time summed, i.e. one uninterrupted run on "
+            f"this machine: {seconds / 60:.0f} min)")
+
+
 def _cell(interval: dict[str, float] | None) -> str:
     if not interval or interval.get("value") is None or not math.isfinite(interval["value"]):
         return "n/a"
@@ -377,7 +424,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"{s.get('dissect_steps')} steps); {s.get('pool_images')} pool images (white-box min-ε cap "
         f"{s.get('eps_cap', 0) * 255:.0f}/255; shared transfer pool at ε = {s.get('shared_eps', 0) * 255:.0f}/255 "
         f"against {s.get('surrogates')} held-out surrogates); {s.get('test_images')} test images. Mean with a "
-        f"bootstrap 95% interval over seeds and units/images. Wall time {results.get('wall_seconds')} s. "
+        f"bootstrap 95% interval over seeds and units/images. Wall time {results.get('wall_seconds')} s"
+        f"{_compute_note(results)}. "
         f"Training overrides: `{' '.join(s.get('overrides', []))}`.",
         "",
         "| metric | " + " | ".join(regimes) + " |",
@@ -387,7 +435,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         done = "; ".join(f"{r}: {seeds}" for r, seeds in s.get("seeds_done", {}).items())
         lines[2:2] = [f"**Partial results, the run is not finished.** Seeds measured so far: {done}.", ""]
     for key, (label, _) in METRICS.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(results["regimes"][r].get(key)) for r in regimes) + " |")
+        mark = " †" if key in ON_DISSECTION_PGD else ""
+        lines.append(f"| {label}{mark} | " + " | ".join(_cell(results["regimes"][r].get(key)) for r in regimes) + " |")
+    success = {r: (results["regimes"][r].get("dissect_attack_success") or {}).get("value") for r in regimes}
+    weak = [f"{r} {v:.1%}" for r, v in success.items() if v is not None and v < 0.5]
+    lines += ["", "† measured on the dissection's own targeted PGD images (ε as in training)"
+              + (f", which changed the prediction on only {', '.join(weak)} of the probe images: for those regimes "
+                 "these rows compare real images with perturbed ones that are mostly failed attacks, not with "
+                 "adversarial examples; the white-box and shared-pool rows are the ones made of attacks that "
+                 "worked (their flip rates below)." if weak else ".")]
     lines += ["", "## Adversarial pools: how often the attacks did what they claim", "",
               "| pool | " + " | ".join(regimes) + " |", "| --- | " + " | ".join("---" for _ in regimes) + " |"]
     pool_labels = {"dissect_attack_success": "targeted PGD success at dissection",

@@ -22,7 +22,7 @@ def test_experiment_paper_quick_writes_results(tmp_path, capsys):
     assert list(results["regimes"]) == ["pgd_at", "consistent", "csg"]
     for regime, row in results["regimes"].items():
         for key in ("clean_accuracy", "robust_accuracy", "consistency_real", "consistency_all",
-                    "consistency_white_box", "consistency_shared", "label_stability", "mis"):
+                    "consistency_white_box", "consistency_shared", "label_stability", "mis", "feature_gap"):
             cell = row[key]
             assert cell["low"] <= cell["value"] <= cell["high"], (regime, key)
             assert len(row[key + "_per_seed"]) == 2, (regime, key)
@@ -36,8 +36,10 @@ def test_experiment_paper_quick_writes_results(tmp_path, capsys):
     verdicts = {c["verdict"] for c in results["comparisons"]}
     assert verdicts <= {"better", "worse", "no measurable difference"} and results["comparisons"]
     assert (out / "figures" / "metrics.png").is_file()
+    assert results["compute_seconds"] >= sum(results["regimes"]["pgd_at"]["train_seconds"]) > 0
     md = (out / "results.md").read_text()
     assert "| metric | pgd_at | consistent | csg |" in md and "flip rate" in md and "Comparisons" in md
+    assert "| label stability † |" in md and "one uninterrupted run" in md
 
 
 def test_experiment_rejects_bad_arguments(tmp_path, capsys):
@@ -62,6 +64,7 @@ def _row(seed: int, shift: float) -> dict:
             "unique_detectors": {"layer2": 10, "layer3": 20}, "dissect_attack_success": 0.01,
             "clean_correct": list((rng.random(200) < 0.95).astype(float)),
             "robust_correct": list((rng.random(90) < 0.9).astype(float)), "white_box_flip_rate": 0.98,
+            "feature_gap": list(rng.gamma(2.0, 0.05 + shift, 90)),
             "white_box_median_eps": 0.08, "white_box_note": "", "shared_pool_flip": 0.2,
             "shared_pool_target_hit": 0.05, "seed": seed, "train_seconds": 1.0}
 
@@ -79,10 +82,12 @@ def test_summary_tables_and_figures_from_per_seed_rows(tmp_path):
     verdicts = {(c["a"], c["b"], c["metric"]): c["verdict"] for c in results["comparisons"]}
     assert verdicts[("consistent", "pgd_at", "consistency_real")] == "better"
     assert verdicts[("csg", "standard", "consistency_real")] == "no measurable difference"
+    assert verdicts[("consistent", "pgd_at", "feature_gap")] == "worse"  # a larger gap, and lower is better
     cell = results["regimes"]["consistent"]["consistency_real"]
     assert cell["low"] < 0.6 < cell["high"] and len(results["regimes"]["consistent"]["clean_accuracy_per_seed"]) == 3
     results["settings"] = {"seeds": [0, 1, 2]}
     md = to_markdown(results)
     assert "| metric | pgd_at | consistent | csg | standard |" in md and "flip rate within the cap" in md
+    assert "mostly failed attacks" in md  # the dissection PGD succeeded on 1% in every regime here
     figures = write_figures(results, tmp_path / "figures")
     assert all(p.is_file() and p.stat().st_size > 1000 for p in figures)
