@@ -83,7 +83,8 @@ class TraceResult:
     plausibility: float | None
     adversarial: bool
     summary: str
-    adversarial_score: float = 0.0  # in [0, 1], higher = more likely adversarial; `adversarial` thresholds it
+    adversarial_score: float | None = None  # in [0, 1], higher = more likely adversarial (None: nothing to score
+    # with, i.e. no detector and no plausibility); `adversarial` thresholds it
     raw_plausibility: float | None = None  # before the per-class calibration; = plausibility without one
 
 
@@ -153,13 +154,14 @@ def _calibrated(runtime: ModelRuntime, raw: float | None, target: int) -> float 
 
 
 def adversarial_flags(runtime: ModelRuntime, logits: np.ndarray, pooled: np.ndarray | None,
-                      plaus: Sequence[float | None], plausibility_threshold: float) -> list[tuple[float, bool]]:
+                      plaus: Sequence[float | None],
+                      plausibility_threshold: float) -> list[tuple[float | None, bool]]:
     """(adversarial_score, flag) per image: the model's calibrated detector when its manifest has one (logits
     (n, K), `pooled` (n, C) of the detector's layer); else 1 − plausibility, flagged below the server's
-    plausibility threshold (score 0, no flag, when plausibility is unknown)."""
+    plausibility threshold (no score and no flag when plausibility is unknown)."""
     detector = detector_for(runtime)
     if detector is None or (pooled is None and "mahalanobis" in detector.components):
-        return [(0.0, False) if p is None else (1.0 - p, p < plausibility_threshold) for p in plaus]
+        return [(None, False) if p is None else (1.0 - p, p < plausibility_threshold) for p in plaus]
     values = np.array([np.nan if p is None else p for p in plaus]) if detector.needs_plausibility else None
     scores = detector.score(logits, pooled, values)
     flags = detector.flags(scores, np.asarray(logits).argmax(axis=1))  # the predicted class's threshold

@@ -107,7 +107,8 @@ def _fill_trace(msg: pb.Trace, result, logits: np.ndarray, classes: Sequence[str
                                        activation=u.activation, baseline=u.baseline, concept=u.concept,
                                        category=u.category, iou=u.iou, detector=u.detector), u)
     msg.adversarial = result.adversarial
-    msg.adversarial_score = result.adversarial_score
+    if result.adversarial_score is not None:
+        msg.adversarial_score = result.adversarial_score
     msg.summary = result.summary
     if result.plausibility is not None:
         msg.plausibility = result.plausibility

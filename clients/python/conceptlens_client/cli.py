@@ -149,10 +149,17 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 flag = " [ADVERSARIAL?]" if exp.trace.adversarial else ""
                 plaus = f" plausibility {exp.trace.plausibility:.2f}" if exp.trace.HasField("plausibility") else ""
-                print(f"{path}: {exp.trace.summary}{plaus}; adversarial score {exp.trace.adversarial_score:.2f}{flag}")
+                print(f"{path}: {exp.trace.summary}{plaus}; {_score_text(exp.trace)}{flag}")
         if args.json:
             print(json.dumps(MessageToDict(response), indent=1))
         return 0
+
+
+def _score_text(trace) -> str:
+    """The trace's adversarial score, or why there is none (a bundle exported without detector or co-occurrence)."""
+    if not trace.HasField("adversarial_score"):
+        return "no adversarial score (the model has no detector)"
+    return f"adversarial score {trace.adversarial_score:.2f}"
 
 
 def _probe(client: Client, model: str, args: argparse.Namespace, layers: list[str]) -> int:
@@ -178,8 +185,12 @@ def _probe(client: Client, model: str, args: argparse.Namespace, layers: list[st
         plaus = [t.plausibility for t in (res.clean_trace, res.adversarial_trace) if t.HasField("plausibility")]
         plaus_text = f"; plausibility {plaus[0]:.2f} -> {plaus[1]:.2f}" if len(plaus) == 2 else ""
         flagged = " [ADVERSARIAL?]" if res.adversarial_trace.adversarial else ""
-        plaus_text += (f"; adversarial score {res.clean_trace.adversarial_score:.2f} -> "
-                       f"{res.adversarial_trace.adversarial_score:.2f}{flagged}")
+        if res.clean_trace.HasField("adversarial_score") and res.adversarial_trace.HasField("adversarial_score"):
+            plaus_text += (f"; adversarial score {res.clean_trace.adversarial_score:.2f} -> "
+                           f"{res.adversarial_trace.adversarial_score:.2f}")
+        else:
+            plaus_text += "; no adversarial score (the model has no detector)"
+        plaus_text += flagged
         units = ", ".join(f"{u.layer}#{u.unit}{' ' + u.concept if u.concept else ''} "
                           f"{u.clean_delta:+.3f}->{u.adversarial_delta:+.3f}" for u in res.changed_units[:3])
         print(f"{path}: {head} (confidence drop {res.confidence_drop:.2f}){plaus_text}; changed: {units}")
