@@ -8,7 +8,10 @@ One run, side by side, each server pinned to one CPU (`--server-cpu`) and the lo
   1. a trivial grpc.aio server whose handler returns an empty reply at once ("empty OK");
   2. the same server aborting every call with RESOURCE_EXHAUSTED ("empty refusal");
   3. `conceptlens serve` on the default model: 1-image Predicts below capacity ("Predict OK");
-  4. the same server with `--max-inflight predict=1` under a rate it must mostly refuse ("Predict refused").
+  4. the same server with `--max-inflight predict=1` under a rate it must mostly refuse ("Predict refused");
+  5. a trivial *synchronous* gRPC server (`grpc.server(maximum_concurrent_rpcs=1)`) whose one admitted call holds
+     the slot, so gRPC's own limit refuses every other call before any handler runs ("sync refusal"): what a
+     front that sheds outside the event loop would pay per refused call.
 For each: server CPU seconds per call (from /proc/PID/stat), calls by status code.
 
     .venv/bin/python bench/grpc_floor.py [--rate 1000] [--ok-rate 300] [--seconds 5]
@@ -52,6 +55,25 @@ async def main():
     print("ready", flush=True)
     await server.wait_for_termination()
 asyncio.run(main())
+"""
+
+
+SYNC_SERVER = """
+import sys, threading, grpc
+from concurrent import futures
+hold = threading.Event()
+def handler(request, context):
+    hold.wait()  # the first call keeps the only slot: gRPC refuses the rest with RESOURCE_EXHAUSTED itself
+    return b""
+class Handler(grpc.GenericRpcHandler):
+    def service(self, details):
+        return grpc.unary_unary_rpc_method_handler(handler)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), maximum_concurrent_rpcs=1)
+server.add_generic_rpc_handlers([Handler()])
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
 """
 
 
@@ -112,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(f"empty {'OK' if mode == 'ok' else 'refusal'}",
                             [sys.executable, "-c", TRIVIAL_SERVER, str(port), mode], port, request, rate,
                             args.seconds, args.server_cpu, "ready"))
+    port = free_port()
+    rows.append(measure("sync refusal", [sys.executable, "-c", SYNC_SERVER, str(port)], port, request, args.rate,
+                        args.seconds, args.server_cpu, "ready"))
     for extra, rate, name in (([], args.ok_rate, "Predict OK"),
                               (["--max-inflight", "predict=1", "--max-queue-batches", "0"], args.rate,
                                "Predict refused")):
@@ -134,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     bound = 1 - 3 * refusal / ok
     print(f"Predict refusal ~{refusal:.3f} ms vs Predict OK {ok:.3f} ms: goodput at 4x overload is at most "
           f"~{bound:.2f} of capacity on one core")
+    sync = next(r for r in rows if r["name"] == "sync refusal")["cpu_ms_per_call"]
+    if sync:
+        print(f"a front refusing as gRPC's synchronous server does (~{sync:.3f} ms a call) would allow ~"
+              f"{1 - 3 * sync / ok:.2f} of capacity at 4x overload")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "refusal_ms": refusal, "bound_4x": bound,
                                     "load_avg": os.getloadavg()}, indent=2))
