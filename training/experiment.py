@@ -293,7 +293,7 @@ def _peaks(model, layers: Sequence[str], images) -> dict[str, Any]:
 
 
 def _feature_gap(model, layers: Sequence[str], clean, adv) -> list[float]:
-    """Per image, Σ over `layers` of ‖φ(x) − φ(x*)‖² / ‖φ(x)‖²: the quantity the consistency term of the loss
+    """Per image, Σ over `layers` of ‖φ(x) − φ(x*)‖² / ‖φ(x)‖² (docs/design.md §5.6): what the consistency term
     minimises (`training/losses.relative_squared`), measured on held-out images so every regime can be compared
     on what the consistent loss is supposed to change."""
     import torch
