@@ -17,10 +17,13 @@ At the end the server's /metrics counts are compared with this client's counts, 
 server's VmHWM (its probe workers are separate processes, listed beside it).
 
 Every phase runs once per request shape (`--images-per-call`, default 1 and 8 images per Predict), each against a
-fresh server. Prints a table per shape and writes bench/results/overload.json.
+fresh server. Prints a table per shape and writes bench/results/overload.json. With `--front`, the load goes
+through `conceptlens front` (nginx, server/front.py) pinned to the server's CPUs, which refuses calls over its
+per-method in-flight limits before they reach Python; its refusals are added to the server's counts.
 
     .venv/bin/python bench/overload.py [--duration 30] [--factor 4] [--deadline 1.0] [--clients 8]
         [--images-per-call 1,8] [--server-cpus 0] [--server-arg=--max-inflight --server-arg=predict=32 ...]
+        [--front [--front-limit Predict=16 ...]]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from conceptlens.server import front
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
@@ -204,7 +208,9 @@ def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, w
     return elapsed
 
 
-def run(args: argparse.Namespace, port: int, images_per_call: int) -> dict:
+def run(args: argparse.Namespace, port: int, images_per_call: int, backend_port: int | None = None) -> dict:
+    """Every phase against `port`; with a front, `backend_port` is the server behind it, whose own capacity is
+    measured too (the front's refusals make closed-loop clients spin, so capacity through it reads lower)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ConceptLensStub(channel)
         model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
@@ -226,6 +232,12 @@ def run(args: argparse.Namespace, port: int, images_per_call: int) -> dict:
         cap.closed(args.clients, args.capacity_s)
         out["capacity"] = summary(cap.records, args.capacity_s)
         capacity = out["capacity"]["ok_per_s"]
+        direct = None
+        if backend_port is not None:
+            with grpc.insecure_channel(f"127.0.0.1:{backend_port}") as backend:
+                direct = Load(backend, "Predict", predict, 10.0)
+                direct.closed(args.clients, args.capacity_s)
+            out["capacity_without_front"] = summary(direct.records, args.capacity_s)
 
         over = Load(channel, "Predict", predict, args.deadline)
         rate = args.factor * capacity
@@ -262,8 +274,10 @@ def run(args: argparse.Namespace, port: int, images_per_call: int) -> dict:
 
         client_counts: Counter = Counter()
         for load, method in ((warm, "Predict"), (unloaded, "Predict"), (cap, "Predict"), (over, "Predict"),
-                             (rec, "Predict"), (alone, "Predict"), (beside, "Predict"), (probes, "Probe")):
-            client_counts.update((method, code) for _, _, code in load.records)
+                             (rec, "Predict"), (alone, "Predict"), (beside, "Predict"), (probes, "Probe"),
+                             (direct, "Predict")):
+            if load is not None:
+                client_counts.update((method, code) for _, _, code in load.records)
         out["client_counts"] = {f"{m} {c}": n for (m, c), n in sorted(client_counts.items())}
         return out
 
@@ -271,17 +285,34 @@ def run(args: argparse.Namespace, port: int, images_per_call: int) -> dict:
 def measure(args: argparse.Namespace, images_per_call: int, server_args: list[str], server_cpus: set[int]) -> dict:
     """Every phase against a fresh server, for one request shape; the ratios and the count comparison."""
     metrics_port = free_port()
-    with tempfile.TemporaryFile("w+") as log:  # the server's log: its error lines are counted below
+    with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory() as front_dir:
         proc, port = start_server(args.models, metrics_port, server_args, log, server_cpus or None)
+        nginx, backend_port = None, None
         try:
+            if args.front:  # nginx in front, on the server's CPUs: the load goes to it
+                cfg = front.FrontConfig(listen=f"127.0.0.1:{free_port()}", backend=f"127.0.0.1:{port}",
+                                        directory=Path(front_dir), limits=front.parse_limits(args.front_limit))
+                pin = (lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None
+                nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pin)
+                backend_port, port = port, int(cfg.listen.rsplit(":", 1)[1])
             time.sleep(2.0)  # the probe worker imports torch beside the server; let it settle
-            result = run(args, port, images_per_call)
+            result = run(args, port, images_per_call, backend_port=backend_port)
             time.sleep(0.5)  # the server counts a call after its status is sent
             server_counts = scrape(metrics_port)
+            if nginx is not None:  # calls the front refused never reached the server
+                refused = {m: front.refusal_count(Path(front_dir), m) for m in ("Predict", "Probe")}
+                result["front_refusals"] = refused
+                for method, n in refused.items():
+                    if n:
+                        key = (method, "RESOURCE_EXHAUSTED")
+                        server_counts[key] = server_counts.get(key, 0) + n
             result["server_counts"] = {f"{m} {c}": n for (m, c), n in sorted(server_counts.items())}
             workers = [peak_rss_mb(c) for c in children(proc.pid)]  # a worker restarting may not report yet
             result["peak_rss_mb"] = {"server": peak_rss_mb(proc.pid), "probe_workers": [m for m in workers if m > 0]}
         finally:
+            if nginx is not None:
+                nginx.terminate()
+                nginx.wait(30)
             proc.terminate()
             proc.wait(30)
         log.seek(0)
@@ -294,6 +325,8 @@ def measure(args: argparse.Namespace, images_per_call: int, server_args: list[st
         "goodput_over_capacity": over["ok_per_s"] / cap["ok_per_s"],
         "shed_resource_exhausted_share_of_failures": over["shed_resource_exhausted"],
         "admitted_p99_over_unloaded_p99": over["p99_ms"] / result["unloaded"]["p99_ms"],
+        "goodput_over_capacity_without_front": over["ok_per_s"] / result["capacity_without_front"]["ok_per_s"]
+        if "capacity_without_front" in result else None,
         "predict_p99_beside_probes_over_alone": result["predict_beside_probes"]["p99_ms"]
         / result["predict_alone"]["p99_ms"],
         "predict_goodput_beside_probes_over_alone": result["predict_beside_probes"]["ok_per_s"]
@@ -314,6 +347,10 @@ def report(args: argparse.Namespace, result: dict) -> None:
     print(f"overload {args.factor:g}x for {args.duration:g} s, {args.deadline:g} s deadlines: offered "
           f"{over['offered_per_s']:.0f}/s (achieved {over['achieved_offered_per_s']:.0f}/s), codes {over['codes']}")
     print(f"  goodput / capacity        {r['goodput_over_capacity']:.2f}   (target >= 0.8)")
+    if r["goodput_over_capacity_without_front"] is not None:
+        own = result["capacity_without_front"]["ok_per_s"]
+        print(f"  goodput / the server's own capacity without the front ({own:.0f} calls/s) "
+              f"{r['goodput_over_capacity_without_front']:.2f}")
     shed = r["shed_resource_exhausted_share_of_failures"]
     print(f"  RESOURCE_EXHAUSTED share of failures {shed if shed is None else f'{shed:.3f}'}   (target >= 0.95)")
     print(f"  admitted p99 / unloaded p99 {r['admitted_p99_over_unloaded_p99']:.2f}   (target <= 5; admitted p99 "
@@ -325,7 +362,8 @@ def report(args: argparse.Namespace, result: dict) -> None:
           f"x{r['predict_goodput_beside_probes_over_alone']:.2f}; probe codes {result['probes']['codes']}")
     print(f"peak RSS: server {result['peak_rss_mb']['server']:.0f} MB, probe workers "
           f"{', '.join(f'{m:.0f}' for m in result['peak_rss_mb']['probe_workers'])} MB")
-    print(f"client vs server counts: {result['count_mismatches'] or 'identical'}")
+    front_note = f" (front refusals added: {result['front_refusals']})" if "front_refusals" in result else ""
+    print(f"client vs server counts{front_note}: {result['count_mismatches'] or 'identical'}")
     print(f"server log: {result['server_log']['lines']} lines, {result['server_log']['error_lines']} ERROR "
           f"{result['server_log']['first_error']}")
 
@@ -353,8 +391,15 @@ def main(argv: list[str] | None = None) -> int:
                              "starve the server it measures)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra `conceptlens serve` argument (repeat; use --server-arg=--flag for flags)")
+    parser.add_argument("--front", action="store_true",
+                        help="send the load through `conceptlens front` (nginx) pinned to the server's CPUs")
+    parser.add_argument("--front-limit", action="append", default=[], metavar="METHOD=N",
+                        help="the front's in-flight limit per method (repeat; default "
+                             + ", ".join(f"{m}={n}" for m, n in front.DEFAULT_LIMITS.items()) + ")")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args(argv)
+    if args.front and front.nginx_binary() is None:
+        parser.error("--front needs an nginx binary on PATH (Debian: apt-get install nginx-light)")
     shapes = [int(v) for v in args.images_per_call.split(",") if v.strip()]
 
     server_cpus = cpu_set(args.server_cpus) if hasattr(os, "sched_setaffinity") else set()
@@ -367,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a.startswith("--threads") for a in server_args):  # ONNX Runtime: one thread per pinned CPU
             server_args += [f"--threads={len(server_cpus)}"]
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg(),
-               "server_args": server_args, "server_cpus": sorted(server_cpus),
+               "server_args": server_args, "server_cpus": sorted(server_cpus), "front": args.front,
+               "front_limits": front.parse_limits(args.front_limit) if args.front else None,
                "client_cpus": sorted(os.sched_getaffinity(0)) if server_cpus else None}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before; server on CPUs "
           f"{machine['server_cpus'] or 'any'}, load generator on {machine['client_cpus'] or 'any'}; server args "

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "detectors": ("conceptlens.training.cli_detectors", "compare adversarial detectors on one bundle"),
     },
     "serve": ("conceptlens.server.cli", "start the gRPC predict-and-explain service"),
+    "front": ("conceptlens.server.cli_front", "run nginx in front of the service to shed overload outside Python"),
 }
 
 

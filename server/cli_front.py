@@ -1,0 +1,50 @@
+"""`conceptlens front`: run nginx in front of `conceptlens serve`, refusing calls over per-method in-flight limits
+before they reach Python (server/front.py; docs/design.md §9.2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from conceptlens.handlers.errors import InvalidInput
+
+from .front import DEFAULT_LIMITS, FrontConfig, command, nginx_binary, parse_limits, render
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run nginx as a shedding front for `conceptlens serve`: a call over its method's in-flight limit is refused "
+        "in nginx with RESOURCE_EXHAUSTED, a message naming the limit and gRPC's retry pushback, without costing "
+        "the Python server anything; other calls pass through unchanged. Use it when bursts of cheap calls (e.g. "
+        "1-image Predicts) would otherwise take the server's event loop just to refuse them (bench/README.md). "
+        "Needs an nginx binary (Debian: nginx-light). Refusals are logged one per line to DIR/refusals.log."
+    )
+    parser.add_argument("--backend", required=True, help="HOST:PORT of `conceptlens serve`, e.g. 127.0.0.1:50052")
+    parser.add_argument("--listen", default="127.0.0.1:50051",
+                        help="HOST:PORT clients dial (default 127.0.0.1:50051; 0.0.0.0:50051 in containers)")
+    parser.add_argument("--limit", action="append", default=[], metavar="METHOD=N",
+                        help="calls in flight per method, repeatable (default "
+                             + ", ".join(f"{m}={n}" for m, n in DEFAULT_LIMITS.items()) + ")")
+    parser.add_argument("--retry-ms", type=int, default=20, help="retry pushback sent with a refusal (default 20)")
+    parser.add_argument("--dir", type=Path, default=Path(".conceptlens-front"),
+                        help="nginx's working directory: config, pid, logs (default .conceptlens-front)")
+    parser.add_argument("--print-config", action="store_true", help="print the nginx config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.retry_ms < 0:
+        raise InvalidInput("--retry-ms", f"must be >= 0, got {args.retry_ms}")
+    cfg = FrontConfig(listen=args.listen, backend=args.backend, directory=args.dir, limits=parse_limits(args.limit),
+                      retry_ms=args.retry_ms)
+    if args.print_config:
+        print(render(cfg), end="")
+        return 0
+    binary = nginx_binary()
+    if binary is None:
+        raise InvalidInput("nginx", "no nginx binary on PATH (Debian: apt-get install nginx-light)")
+    argv = command(cfg, binary)
+    print(f"conceptlens front: {cfg.listen} -> {cfg.backend}, limits "
+          + ", ".join(f"{m}={n}" for m, n in cfg.limits.items()), flush=True)
+    os.execv(argv[0], argv)  # nginx replaces this process: SIGTERM stops it, SIGQUIT drains it
+    return 0  # not reached

@@ -1,0 +1,130 @@
+"""`conceptlens front`: nginx in front of the real server refuses calls over a method's in-flight limit with
+RESOURCE_EXHAUSTED, the limit named and a retry pushback, and counts them; admitted calls get the server's own
+replies; a burst of refused calls with large bodies does not break the admitted ones (no HTTP/2 flood close)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+from serving_helpers import SIZE, TEST_LIMITS, config, make_repo
+
+from conceptlens.cli import main
+from conceptlens.handlers.errors import InvalidInput
+from conceptlens.server import front
+from conceptlens.server.background import BackgroundServer
+from conceptlens_client.v1 import conceptlens_service_pb2 as pb
+from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _predict(images: int, seed: int = 0) -> pb.PredictRequest:
+    x = np.random.default_rng(seed).random((images, 3, SIZE, SIZE), dtype=np.float32)
+    return pb.PredictRequest(model="small", images=[
+        pb.Image(tensor=pb.Tensor(shape=[3, SIZE, SIZE], dtype=pb.Tensor.FLOAT32, data=a.tobytes())) for a in x])
+
+
+def test_the_config_limits_each_method_and_refuses_as_the_server_would(tmp_path):
+    cfg = front.FrontConfig(listen="127.0.0.1:9000", backend="127.0.0.1:9001", directory=tmp_path,
+                            limits=front.parse_limits(["predict=3", "Probe=2"]), retry_ms=15)
+    text = front.render(cfg)
+    assert "limit_conn predict 3;" in text and "limit_conn probe 2;" in text and "limit_conn explain 4;" in text
+    assert "grpc-status 8" in text and "grpc-retry-pushback-ms 15" in text
+    assert "Predict: the front's limit of 3 calls in flight is reached" in text
+    assert "http2_body_preread_size 0;" in text  # refused clients never send their images
+    assert "server 127.0.0.1:9001;" in text and "listen 127.0.0.1:9000 http2;" in text
+
+
+@pytest.mark.parametrize("limits, field", [(["Predict"], "--limit"), (["Magic=3"], "--limit"),
+                                            (["Predict=x"], "--limit"), (["Predict=0"], "--limit")])
+def test_bad_limits_name_the_flag(limits, field):
+    with pytest.raises(InvalidInput) as err:
+        front.parse_limits(limits)
+    assert err.value.field == field
+
+
+def test_the_cli_prints_the_config_and_refuses_a_bad_address_in_one_line(tmp_path, capsys):
+    assert main(["front", "--backend", "127.0.0.1:50052", "--dir", str(tmp_path), "--print-config"]) == 0
+    assert "grpc_pass grpc://backend;" in capsys.readouterr().out
+    assert main(["front", "--backend", "nowhere", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend" in err[0] and "HOST:PORT" in err[0]
+
+
+@pytest.fixture
+def fronted(bundle_dir, tmp_path):
+    """(server, front port, front dir): the real server behind a real nginx front with Predict=1."""
+    if front.nginx_binary() is None:
+        pytest.skip("no nginx binary (Debian: apt-get install nginx-light); the front is optional")
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    limits = replace(TEST_LIMITS, max_images=64, max_message_bytes=8 << 20)
+    with BackgroundServer(config(repo, limits=limits)) as server:
+        cfg = front.FrontConfig(listen=f"127.0.0.1:{_port()}", backend=f"127.0.0.1:{server.port}",
+                                directory=tmp_path / "front", limits=front.parse_limits(["Predict=1"]))
+        nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        port = int(cfg.listen.rsplit(":", 1)[1])
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # until nginx listens
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if nginx.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"nginx did not start: {nginx.stderr.read().decode()}") from None
+                    time.sleep(0.05)
+            yield server, port, cfg.directory
+        finally:
+            nginx.terminate()
+            nginx.wait(10)
+
+
+def test_calls_over_the_limit_are_refused_in_the_front_and_the_rest_pass_through(fronted):
+    server, port, directory = fronted
+    # ~400 KB each: nginx closes a connection as an HTTP/2 flood when most bytes it receives are bodies of calls it
+    # already refused, so the refused calls must not send theirs (http2_body_preread_size 0)
+    request = _predict(32)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as direct:
+        expected = pb_grpc.ConceptLensStub(direct).Predict(request, timeout=30)
+    codes: Counter = Counter()
+    refusals, wrong = [], []
+
+    def client(stub) -> None:  # closed loop: a refused call is retried at once, as a busy client would
+        stop = time.monotonic() + 2.0
+        while time.monotonic() < stop:
+            try:
+                reply = stub.Predict(request, timeout=30)
+            except grpc.RpcError as err:
+                codes[err.code()] += 1
+                refusals.append(err)
+                continue
+            codes[grpc.StatusCode.OK] += 1
+            if reply != expected:
+                wrong.append(reply)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ConceptLensStub(channel)
+        threads = [threading.Thread(target=client, args=(stub,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not wrong  # admitted calls get the server's own reply
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes  # no UNAVAILABLE
+    front_refused = [e for e in refusals if "front's limit of 1" in e.details()]
+    assert front_refused and all("Predict" in e.details() for e in front_refused)
+    assert all(dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms") == "20" for e in front_refused)
+    assert front.refusal_count(directory, "Predict") == len(front_refused)
+    assert front.refusal_count(directory, "Probe") == 0
