@@ -282,14 +282,15 @@ def run(args: argparse.Namespace, port: int, images_per_call: int, backend_port:
         return out
 
 
-def measure(args: argparse.Namespace, images_per_call: int, server_args: list[str], server_cpus: set[int]) -> dict:
+def measure(args: argparse.Namespace, images_per_call: int, server_args: list[str], server_cpus: set[int],
+            with_front: bool) -> dict:
     """Every phase against a fresh server, for one request shape; the ratios and the count comparison."""
     metrics_port = free_port()
     with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory() as front_dir:
         proc, port = start_server(args.models, metrics_port, server_args, log, server_cpus or None)
         nginx, backend_port = None, None
         try:
-            if args.front:  # nginx in front, on the server's CPUs: the load goes to it
+            if with_front:  # nginx in front, on the server's CPUs: the load goes to it
                 cfg = front.FrontConfig(listen=f"127.0.0.1:{free_port()}", backend=f"127.0.0.1:{port}",
                                         directory=Path(front_dir), limits=front.parse_limits(args.front_limit))
                 pin = (lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None
@@ -341,7 +342,9 @@ def measure(args: argparse.Namespace, images_per_call: int, server_args: list[st
 
 def report(args: argparse.Namespace, result: dict) -> None:
     cap, over, unloaded, r = result["capacity"], result["overload"], result["unloaded"], result["ratios"]
-    print(f"\n== model {result['model']}, {result['input']} (load average {result['load_avg_after'][0]:.1f} after)")
+    via = " through `conceptlens front`" if "front_refusals" in result else ", straight to the server"
+    print(f"\n== model {result['model']}, {result['input']}{via} (load average {result['load_avg_after'][0]:.1f} "
+          "after)")
     print(f"unloaded (1 client):   p50 {unloaded['p50_ms']:.1f} ms, p99 {unloaded['p99_ms']:.1f} ms")
     print(f"capacity ({args.clients} clients): {cap['ok_per_s']:.0f} calls/s, p99 {cap['p99_ms']:.1f} ms")
     print(f"overload {args.factor:g}x for {args.duration:g} s, {args.deadline:g} s deadlines: offered "
@@ -391,14 +394,17 @@ def main(argv: list[str] | None = None) -> int:
                              "starve the server it measures)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra `conceptlens serve` argument (repeat; use --server-arg=--flag for flags)")
-    parser.add_argument("--front", action="store_true",
-                        help="send the load through `conceptlens front` (nginx) pinned to the server's CPUs")
+    has_nginx = front.nginx_binary() is not None
+    parser.add_argument("--front", choices=("off", "on", "both"), default="both" if has_nginx else "off",
+                        help="send the load straight to the server (off), through `conceptlens front` (nginx, pinned "
+                             "to the server's CPUs; on), or measure both side by side (default: both where nginx is "
+                             "installed, else off)")
     parser.add_argument("--front-limit", action="append", default=[], metavar="METHOD=N",
                         help="the front's in-flight limit per method (repeat; default "
                              + ", ".join(f"{m}={n}" for m, n in front.DEFAULT_LIMITS.items()) + ")")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args(argv)
-    if args.front and front.nginx_binary() is None:
+    if args.front != "off" and not has_nginx:
         parser.error("--front needs an nginx binary on PATH (Debian: apt-get install nginx-light)")
     shapes = [int(v) for v in args.images_per_call.split(",") if v.strip()]
 
@@ -413,15 +419,18 @@ def main(argv: list[str] | None = None) -> int:
             server_args += [f"--threads={len(server_cpus)}"]
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg(),
                "server_args": server_args, "server_cpus": sorted(server_cpus), "front": args.front,
-               "front_limits": front.parse_limits(args.front_limit) if args.front else None,
+               "front_limits": front.parse_limits(args.front_limit) if args.front != "off" else None,
                "client_cpus": sorted(os.sched_getaffinity(0)) if server_cpus else None}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before; server on CPUs "
           f"{machine['server_cpus'] or 'any'}, load generator on {machine['client_cpus'] or 'any'}; server args "
           f"{' '.join(server_args) or 'none'}")
     results = {}
+    fronts = {"off": [False], "on": [True], "both": [False, True]}[args.front]
     for n in shapes:
-        results[str(n)] = measure(args, n, server_args, server_cpus)
-        report(args, results[str(n)])
+        for with_front in fronts:
+            key = f"{n} through the front" if with_front else str(n)
+            results[key] = measure(args, n, server_args, server_cpus, with_front)
+            report(args, results[key])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "images_per_call": results}, indent=2))
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

@@ -4,7 +4,8 @@ before they reach Python (server/front.py; docs/design.md §9.2)."""
 from __future__ import annotations
 
 import argparse
-import os
+import signal
+import subprocess
 from pathlib import Path
 
 from conceptlens.handlers.errors import InvalidInput
@@ -43,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     binary = nginx_binary()
     if binary is None:
         raise InvalidInput("nginx", "no nginx binary on PATH (Debian: apt-get install nginx-light)")
-    argv = command(cfg, binary)
+    nginx = subprocess.Popen(command(cfg, binary))
+    # SIGTERM (Kubernetes, docker stop) drains: nginx's SIGQUIT lets the calls in flight finish, its SIGTERM would
+    # cut them while the server behind is still honouring its --grace
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: nginx.send_signal(signal.SIGQUIT))
     print(f"conceptlens front: {cfg.listen} -> {cfg.backend}, limits "
           + ", ".join(f"{m}={n}" for m, n in cfg.limits.items()), flush=True)
-    os.execv(argv[0], argv)  # nginx replaces this process: SIGTERM stops it, SIGQUIT drains it
-    return 0  # not reached
+    return nginx.wait()

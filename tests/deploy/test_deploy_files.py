@@ -138,6 +138,26 @@ def test_kubernetes_gpu_overlay(yaml):
     assert k8s["ConfigMap/conceptlens-config"]["data"]["GRPC_PORT"] == "50051"  # merged, not replaced
 
 
+@pytest.mark.slow
+def test_kubernetes_front_overlay(yaml):
+    """The shedding front as a sidecar: it takes the gRPC port, the server moves to loopback behind it and keeps
+    its metrics reachable; both containers run the one image; every $(VAR) comes from the ConfigMap."""
+    k8s = render(yaml, "front")
+    containers = {c["name"]: c for c in k8s["Deployment"]["spec"]["template"]["spec"]["containers"]}
+    server, sidecar = containers["conceptlens"], containers["front"]
+    config = k8s["ConfigMap/conceptlens-config"]["data"]
+    assert sidecar["command"] == ["conceptlens", "front"] and sidecar["image"] == server["image"]
+    assert "--listen=0.0.0.0:$(GRPC_PORT)" in sidecar["args"]
+    assert "--backend=127.0.0.1:$(BACKEND_PORT)" in sidecar["args"]
+    assert {"--host=127.0.0.1", "--port=$(BACKEND_PORT)", "--metrics-host=0.0.0.0"} <= set(server["args"])
+    assert config["GRPC_PORT"] == "50051" and config["BACKEND_PORT"] != config["GRPC_PORT"]
+    for container in (server, sidecar):
+        assert set(re.findall(r"\$\((\w+)\)", " ".join(container["args"]))) <= set(config)
+    assert server["readinessProbe"]["grpc"]["port"] == 50051  # through the front, which passes health calls on
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in sidecar["volumeMounts"]} == {"/tmp"}  # nginx's --dir=/tmp/front
+
+
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfile(name):
     text = (DEPLOY / name).read_text()

@@ -4,8 +4,10 @@ replies; a burst of refused calls with large bodies does not break the admitted 
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -128,3 +130,28 @@ def test_calls_over_the_limit_are_refused_in_the_front_and_the_rest_pass_through
     assert all(dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms") == "20" for e in front_refused)
     assert front.refusal_count(directory, "Predict") == len(front_refused)
     assert front.refusal_count(directory, "Probe") == 0
+
+
+def test_the_front_command_drains_and_exits_on_sigterm(tmp_path):
+    """SIGTERM (Kubernetes) becomes nginx's graceful SIGQUIT: the command exits 0, promptly, with nothing in flight."""
+    if front.nginx_binary() is None:
+        pytest.skip("no nginx binary (Debian: apt-get install nginx-light); the front is optional")
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-m", "conceptlens", "front", "--backend", f"127.0.0.1:{_port()}",
+                             "--listen", f"127.0.0.1:{port}", "--dir", str(tmp_path / "front")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "conceptlens front: 127.0.0.1:" in proc.stdout.readline()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
