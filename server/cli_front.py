@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the nginx config and exit")
 
 
+def _check_free(listen: str) -> None:
+    """One clear line for the common failure (nginx itself retries for seconds and prints six)."""
+    host, _, port = listen.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), int(port)))
+        except OSError as err:
+            raise InvalidInput("--listen", f"cannot listen on {listen}: {err.strerror}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.retry_ms < 0:
         raise InvalidInput("--retry-ms", f"must be >= 0, got {args.retry_ms}")
@@ -44,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     binary = nginx_binary()
     if binary is None:
         raise InvalidInput("nginx", "no nginx binary on PATH (Debian: apt-get install nginx-light)")
+    _check_free(cfg.listen)
     nginx = subprocess.Popen(command(cfg, binary))
     # SIGTERM (Kubernetes, docker stop) drains: nginx's SIGQUIT lets the calls in flight finish, its SIGTERM would
     # cut them while the server behind is still honouring its --grace

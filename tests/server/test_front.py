@@ -63,6 +63,13 @@ def test_the_cli_prints_the_config_and_refuses_a_bad_address_in_one_line(tmp_pat
     assert main(["front", "--backend", "nowhere", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--backend" in err[0] and "HOST:PORT" in err[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert main(["front", "--backend", "127.0.0.1:50052", "--listen", busy, "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--listen" in err[0] and "in use" in err[0]
 
 
 @pytest.fixture
