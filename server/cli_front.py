@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(render(cfg), end="")
         return 0
+    _check_free(cfg.listen)
     binary = nginx_binary()
     if binary is None:
         raise InvalidInput("nginx", "no nginx binary on PATH (Debian: apt-get install nginx-light)")
-    _check_free(cfg.listen)
     nginx = subprocess.Popen(command(cfg, binary))
     # SIGTERM (Kubernetes, docker stop) drains: nginx's SIGQUIT lets the calls in flight finish, its SIGTERM would
     # cut them while the server behind is still honouring its --grace
