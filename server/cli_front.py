@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--retry-ms", f"must be >= 0, got {args.retry_ms}")
     cfg = FrontConfig(listen=args.listen, backend=args.backend, directory=args.dir, limits=parse_limits(args.limit),
                       retry_ms=args.retry_ms)
+    text = render(cfg)  # validates --listen and --backend
     if args.print_config:
-        print(render(cfg), end="")
+        print(text, end="")
         return 0
     _check_free(cfg.listen)
     binary = nginx_binary()
