@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 from conceptlens.handlers.errors import InvalidInput
 
-from .front import DEFAULT_LIMITS, FrontConfig, command, nginx_binary, parse_limits, render
+from .front import DEFAULT_LIMITS, FrontConfig, command, nginx_binary, parse_limits, render, split_address
+from .ports import check_free
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +34,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the nginx config and exit")
 
 
-def _check_free(listen: str) -> None:
-    """One clear line for the common failure (nginx itself retries for seconds and prints six)."""
-    host, _, port = listen.rpartition(":")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host.strip("[]"), int(port)))
-        except OSError as err:
-            raise InvalidInput("--listen", f"cannot listen on {listen}: {err.strerror}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.retry_ms < 0:
         raise InvalidInput("--retry-ms", f"must be >= 0, got {args.retry_ms}")
@@ -54,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(text, end="")
         return 0
-    _check_free(cfg.listen)
+    check_free(*split_address(cfg.listen, "--listen"), "--listen")  # one line, not nginx's six retries
     binary = nginx_binary()
     if binary is None:
         raise InvalidInput("nginx", "no nginx binary on PATH (Debian: apt-get install nginx-light)")

@@ -63,16 +63,19 @@ def parse_limits(items: list[str]) -> dict[str, int]:
     return limits
 
 
-def _address(text: str, field_name: str) -> str:
+def split_address(text: str, field_name: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), or InvalidInput naming `field_name`."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(field_name, f"expected HOST:PORT, got {text!r}")
-    return text
+    return host, int(port)
 
 
 def render(cfg: FrontConfig) -> str:
     """The nginx.conf of the front."""
-    listen, backend = _address(cfg.listen, "--listen"), _address(cfg.backend, "--backend")
+    split_address(cfg.listen, "--listen")  # validated here, so nginx never sees a malformed address
+    split_address(cfg.backend, "--backend")
+    listen, backend = cfg.listen, cfg.backend
     d = Path(cfg.directory).resolve()
     zones, locations = [], []
     for method, limit in cfg.limits.items():
