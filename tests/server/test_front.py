@@ -32,6 +32,20 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Until something accepts on `port`; fails with the process's stderr if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise RuntimeError(f"nothing listens on {port}: {err}") from None
+            time.sleep(0.05)
+
+
 def _predict(images: int, seed: int = 0) -> pb.PredictRequest:
     x = np.random.default_rng(seed).random((images, 3, SIZE, SIZE), dtype=np.float32)
     return pb.PredictRequest(model="small", images=[
@@ -85,15 +99,7 @@ def fronted(bundle_dir, tmp_path):
         nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         port = int(cfg.listen.rsplit(":", 1)[1])
         try:
-            deadline = time.monotonic() + 10
-            while True:  # until nginx listens
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if nginx.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"nginx did not start: {nginx.stderr.read().decode()}") from None
-                    time.sleep(0.05)
+            _wait_listening(port, nginx)
             yield server, port, cfg.directory
         finally:
             nginx.terminate()
@@ -149,14 +155,7 @@ def test_the_front_command_drains_and_exits_on_sigterm(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "conceptlens front: 127.0.0.1:" in proc.stdout.readline()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-                time.sleep(0.05)
+        _wait_listening(port, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
