@@ -194,9 +194,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     # a resumed run reuses finished trainings, so its wall time undercounts: the sum of every step's own time
     # (each training's epochs as the trainer logged them, each model's measurement, the surrogates and the
     # shared pool) is what one uninterrupted run would take on this machine
-    results["compute_seconds"] = round(sum(s for run in (out / "runs" / "surrogates").glob("s*")
-                                           for s in [_train_seconds(run)]) + shared_s + sum(
-        row["train_seconds"] + row["measure_seconds"] for rows in per_seed.values() for row in rows), 1)
+    surrogate_s = sum(_train_seconds(run) for run in (out / "runs" / "surrogates").glob("s*"))
+    model_s = sum(row["train_seconds"] + row["measure_seconds"] for rows in per_seed.values() for row in rows)
+    results["compute_seconds"] = round(surrogate_s + shared_s + model_s, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     figures = write_figures(results, out / "figures")
     results["figures"] = [str(p.relative_to(out)) for p in figures]
