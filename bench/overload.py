@@ -47,6 +47,7 @@ import grpc
 import numpy as np
 
 from conceptlens.server import front
+from conceptlens.server.front_metrics import RefusalLog
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
@@ -301,7 +302,8 @@ def measure(args: argparse.Namespace, images_per_call: int, server_args: list[st
             time.sleep(0.5)  # the server counts a call after its status is sent
             server_counts = scrape(metrics_port)
             if nginx is not None:  # calls the front refused never reached the server
-                refused = {m: front.refusal_count(Path(front_dir), m) for m in ("Predict", "Probe")}
+                counts = RefusalLog(Path(front_dir)).counts()
+                refused = {m: counts.get(m, 0) for m in ("Predict", "Probe")}
                 result["front_refusals"] = refused
                 for method, n in refused.items():
                     if n:

@@ -10,8 +10,8 @@ obeys (gRFC A6). Calls under the limit pass through untouched, trailers included
 applies to them. nginx counts a limit per HTTP/2 stream, i.e. per call.
 
 Refused calls never reach the server, so its metrics do not count them: nginx writes one line per refusal to
-`refusals.log` in its directory (time, method), which `refusal_count` reads (the overload benchmark adds them
-to the server's counts when it compares them with its clients').
+`refusals.log` in its directory (time, method), which server/front_metrics.py counts for Prometheus (and the
+overload benchmark adds to the server's counts when it compares them with its clients').
 
 nginx is a system binary (e.g. Debian's nginx-light), not a Python dependency: the front is optional, for
 deployments that face bursts of cheap calls; `conceptlens serve` alone keeps working without it.
@@ -158,15 +158,6 @@ def command(cfg: FrontConfig, binary: str) -> list[str]:
     """nginx in the foreground on the written config (its error log also goes to stderr)."""
     return [binary, "-p", str(Path(cfg.directory).resolve()), "-c", str(write(cfg).resolve()), "-e", "stderr",
             "-g", "daemon off;"]
-
-
-def refusal_count(directory: Path, method: str | None = None) -> int:
-    """Calls the front refused (all methods, or one), from its refusals.log."""
-    path = Path(directory) / "refusals.log"
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    return sum(1 for line in lines if method is None or line.endswith(f"/{method}"))
 
 
 def start(cfg: FrontConfig, binary: str | None = None, **popen) -> subprocess.Popen:

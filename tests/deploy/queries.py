@@ -1,15 +1,18 @@
 """What the deploy files ask Prometheus for: every PromQL expression of the Grafana dashboard and the alert rules,
-the `conceptlens_` metric names they use, and the sample names the server really exports."""
+the `conceptlens_` metric names they use, and the sample names the server and its shedding front really export."""
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import yaml
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from conceptlens.server.front import DEFAULT_LIMITS
+from conceptlens.server.front_metrics import FrontCollector, RefusalLog
 from conceptlens.server.metrics import Metrics
 
 METRIC = re.compile(r"\bconceptlens_[a-zA-Z0-9_]+")
@@ -61,12 +64,20 @@ def exported_names() -> set[str]:
             child.set(1)
         else:
             child.observe(0.01)
-    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    return {sample.name for family in [*metrics.registry.collect(), *_front_families()] for sample in family.samples}
 
 
 def exported_families() -> set[str]:
     """Metric family names as Prometheus sees them (counters carry `_total`)."""
     out = set()
-    for family in Metrics().registry.collect():
+    for family in [*Metrics().registry.collect(), *_front_families()]:
         out.add(family.name + "_total" if family.type == "counter" else family.name)
     return out
+
+
+def _front_families() -> list:
+    """What `conceptlens front --metrics-port` exposes (its collector reads the refusal log of an empty folder)."""
+    with tempfile.TemporaryDirectory() as directory:
+        registry = CollectorRegistry()
+        registry.register(FrontCollector(RefusalLog(Path(directory)), DEFAULT_LIMITS))
+        return list(registry.collect())

@@ -156,6 +156,13 @@ def test_kubernetes_front_overlay(yaml):
     assert server["readinessProbe"]["grpc"]["port"] == 50051  # through the front, which passes health calls on
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["mountPath"] for m in sidecar["volumeMounts"]} == {"/tmp"}  # nginx's --dir=/tmp/front
+    # the front's refusals reach Prometheus: its metrics port is served, published and scraped beside the server's
+    assert {"--metrics-host=0.0.0.0", "--metrics-port=$(FRONT_METRICS_PORT)"} <= set(sidecar["args"])
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"front-metrics": 9091}
+    assert int(config["FRONT_METRICS_PORT"]) == 9091
+    service_ports = {p["name"]: p["targetPort"] for p in k8s["Service"]["spec"]["ports"]}
+    assert service_ports == {"grpc": "grpc", "metrics": "metrics", "front-metrics": "front-metrics"}
+    assert [e["port"] for e in k8s["ServiceMonitor"]["spec"]["endpoints"]] == ["metrics", "front-metrics"]
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])

@@ -1,5 +1,6 @@
-"""Every metric the Grafana dashboard and the alert rules query is one the server exports, and every family the
-server exports is on the dashboard: renaming a metric in server/metrics.py fails here, not in production."""
+"""Every metric the Grafana dashboard and the alert rules query is one the server (or its shedding front) exports,
+and every family they export is on the dashboard: renaming a metric in server/metrics.py or server/front_metrics.py
+fails here, not in production."""
 
 from __future__ import annotations
 

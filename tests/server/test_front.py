@@ -1,6 +1,7 @@
 """`conceptlens front`: nginx in front of the real server refuses calls over a method's in-flight limit with
 RESOURCE_EXHAUSTED, the limit named and a retry pushback, and counts them; admitted calls get the server's own
-replies; a burst of refused calls with large bodies does not break the admitted ones (no HTTP/2 flood close)."""
+replies; a burst of refused calls with large bodies does not break the admitted ones (no HTTP/2 flood close);
+refusals are counted exactly, across log rotations, and served to Prometheus."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import replace
 
@@ -22,6 +24,7 @@ from conceptlens.cli import main
 from conceptlens.handlers.errors import InvalidInput
 from conceptlens.server import front
 from conceptlens.server.background import BackgroundServer
+from conceptlens.server.front_metrics import RefusalLog
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
 
@@ -82,13 +85,17 @@ def test_the_cli_prints_the_config_and_refuses_a_bad_address_in_one_line(tmp_pat
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         assert main(["front", "--backend", "127.0.0.1:50052", "--listen", busy, "--dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--listen" in err[0] and "in use" in err[0]
+        assert main(["front", "--backend", "127.0.0.1:50052", "--listen", f"127.0.0.1:{_port()}", "--metrics-port",
+                     busy.rsplit(":", 1)[1], "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--listen" in err[0] and "in use" in err[0]
+    assert len(err) == 1 and "--metrics-port" in err[0] and "in use" in err[0]
 
 
 @pytest.fixture
 def fronted(bundle_dir, tmp_path):
-    """(server, front port, front dir): the real server behind a real nginx front with Predict=1."""
+    """(server, front port, front dir, nginx): the real server behind a real nginx front with Predict=1."""
     if front.nginx_binary() is None:
         pytest.skip("no nginx binary (Debian: apt-get install nginx-light); the front is optional")
     repo = make_repo(tmp_path / "repo", bundle_dir)
@@ -100,49 +107,102 @@ def fronted(bundle_dir, tmp_path):
         port = int(cfg.listen.rsplit(":", 1)[1])
         try:
             _wait_listening(port, nginx)
-            yield server, port, cfg.directory
+            yield server, port, cfg.directory, nginx
         finally:
             nginx.terminate()
             nginx.wait(10)
 
 
-def test_calls_over_the_limit_are_refused_in_the_front_and_the_rest_pass_through(fronted):
-    server, port, directory = fronted
-    # ~400 KB each: nginx closes a connection as an HTTP/2 flood when most bytes it receives are bodies of calls it
-    # already refused, so the refused calls must not send theirs (http2_body_preread_size 0)
-    request = _predict(32)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as direct:
-        expected = pb_grpc.ConceptLensStub(direct).Predict(request, timeout=30)
+def _hammer(port: int, request: pb.PredictRequest, seconds: float = 2.0, clients: int = 8):
+    """(status counts, refused calls' errors, replies): closed-loop Predicts through `port`, a refused call retried
+    at once as a busy client would."""
     codes: Counter = Counter()
-    refusals, wrong = [], []
+    refusals, replies = [], []
 
-    def client(stub) -> None:  # closed loop: a refused call is retried at once, as a busy client would
-        stop = time.monotonic() + 2.0
+    def client(stub) -> None:
+        stop = time.monotonic() + seconds
         while time.monotonic() < stop:
             try:
-                reply = stub.Predict(request, timeout=30)
+                replies.append(stub.Predict(request, timeout=30))
             except grpc.RpcError as err:
                 codes[err.code()] += 1
                 refusals.append(err)
                 continue
             codes[grpc.StatusCode.OK] += 1
-            if reply != expected:
-                wrong.append(reply)
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ConceptLensStub(channel)
-        threads = [threading.Thread(target=client, args=(stub,)) for _ in range(8)]
+        threads = [threading.Thread(target=client, args=(stub,)) for _ in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    assert not wrong  # admitted calls get the server's own reply
+    return codes, refusals, replies
+
+
+def _front_refused(refusals: list) -> list:
+    return [e for e in refusals if "front's limit of 1" in e.details()]
+
+
+def test_calls_over_the_limit_are_refused_in_the_front_and_the_rest_pass_through(fronted):
+    server, port, directory, _ = fronted
+    # ~400 KB each: nginx closes a connection as an HTTP/2 flood when most bytes it receives are bodies of calls it
+    # already refused, so the refused calls must not send theirs (http2_body_preread_size 0)
+    request = _predict(32)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as direct:
+        expected = pb_grpc.ConceptLensStub(direct).Predict(request, timeout=30)
+    codes, refusals, replies = _hammer(port, request)
+    assert replies and all(reply == expected for reply in replies)  # admitted calls get the server's own reply
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes  # no UNAVAILABLE
-    front_refused = [e for e in refusals if "front's limit of 1" in e.details()]
+    front_refused = _front_refused(refusals)
     assert front_refused and all("Predict" in e.details() for e in front_refused)
     assert all(dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms") == "20" for e in front_refused)
-    assert front.refusal_count(directory, "Predict") == len(front_refused)
-    assert front.refusal_count(directory, "Probe") == 0
+    assert RefusalLog(directory).counts() == {"Predict": len(front_refused)}
+
+
+def test_refusals_are_counted_exactly_across_log_rotations(fronted):
+    """The log is renamed under the running nginx, which reopens it on SIGUSR1: no refusal is lost or counted twice,
+    including those nginx appends to the renamed file before it reopens."""
+    _, port, directory, nginx = fronted
+    log = RefusalLog(directory, reopen=lambda: nginx.send_signal(signal.SIGUSR1), rotate_bytes=1)  # every read
+    request, refused = _predict(1), 0
+    for _ in range(3):
+        refused += len(_front_refused(_hammer(port, request, seconds=1.0)[1]))
+        log.counts()  # rotates
+    time.sleep(0.5)  # nginx has reopened; what it wrote to refusals.log.1 meanwhile is read now
+    assert refused and log.counts() == {"Predict": refused}
+    assert (directory / "refusals.log.1").is_file() and (directory / "refusals.log").is_file()  # reopened
+
+
+def test_the_front_command_serves_its_refusal_count_to_prometheus(bundle_dir, tmp_path):
+    if front.nginx_binary() is None:
+        pytest.skip("no nginx binary (Debian: apt-get install nginx-light); the front is optional")
+    repo = make_repo(tmp_path / "repo", bundle_dir)
+    with BackgroundServer(config(repo)) as server:
+        port, metrics_port = _port(), _port()
+        proc = subprocess.Popen([sys.executable, "-m", "conceptlens", "front", "--backend",
+                                 f"127.0.0.1:{server.port}", "--listen", f"127.0.0.1:{port}", "--limit", "Predict=1",
+                                 "--metrics-port", str(metrics_port), "--dir", str(tmp_path / "front")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert f"metrics on 127.0.0.1:{metrics_port}" in proc.stdout.readline()
+            _wait_listening(port, proc)
+            refused = len(_front_refused(_hammer(port, _predict(1))[1]))
+            expected = f'conceptlens_front_refusals_total{{method="Predict"}} {float(refused)}'
+            deadline = time.monotonic() + 5  # nginx logs a refusal just after its client has the status
+            while True:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+                    text = response.read().decode()
+                if expected in text or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    assert refused > 0
+    assert expected in text, text
+    assert 'conceptlens_front_refusals_total{method="Probe"} 0.0' in text
+    assert 'conceptlens_front_limit{method="Predict"} 1.0' in text
 
 
 def test_the_front_command_drains_and_exits_on_sigterm(tmp_path):
