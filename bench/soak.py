@@ -6,9 +6,12 @@ Reports, per method, the status codes the clients received (target: no INTERNAL 
 count of them from /metrics, tracebacks in the server log, the versions served after each reload, and the
 resident memory of the server process and of its whole process tree (probe workers included) sampled every few
 seconds: growth = median over the last minute / median over the minute after warm-up - 1 (target <= 5%).
-Writes bench/results/soak.json.
+With `--front`, the clients call through `conceptlens front` (nginx, server/front.py): its refusals (scraped from
+its own /metrics) are reported beside the server's codes, and its processes' memory beside the server's.
+Writes bench/results/soak.json (soak_front.json with --front).
 
     nice -n 10 .venv/bin/python bench/soak.py [--minutes 10] [--reload-s 60] [--warmup-min 2] [--probe-workers 1]
+                                              [--front]
 """
 
 from __future__ import annotations
@@ -153,16 +156,37 @@ def probe(client, rng) -> None:
                  timeout=60)
 
 
-def scrape_codes(port: int) -> dict[str, float]:
-    """conceptlens_requests_total summed by code, from the server's /metrics."""
+def scrape_totals(port: int, family: str, label: str) -> dict[str, float]:
+    """A counter family from a /metrics page, summed by one label (e.g. conceptlens_requests_total by code)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     totals: dict[str, float] = collections.Counter()
     for line in text.splitlines():
-        if line.startswith("conceptlens_requests_total{"):
-            code = line.split('code="', 1)[1].split('"', 1)[0]
-            totals[code] += float(line.rsplit(" ", 1)[1])
+        if line.startswith(family + "{"):
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            totals[value] += float(line.rsplit(" ", 1)[1])
     return dict(totals)
+
+
+def start_front(backend: str, directory: Path, log) -> tuple[subprocess.Popen, str, int]:
+    """`conceptlens front` before the server: (process, the address clients dial, its metrics port)."""
+    listen, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "conceptlens", "front", "--backend", backend, "--listen", listen,
+                             "--metrics-port", str(metrics_port), "--dir", str(directory)],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    if "conceptlens front:" not in proc.stdout.readline():
+        proc.kill()
+        raise RuntimeError("conceptlens front did not start (is nginx installed?)")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), timeout=1).close()
+            return proc, listen, metrics_port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
 
 
 def main() -> int:
@@ -175,8 +199,12 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default 5)")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="the server's --probe-workers (default 1; 0 runs probes on a server thread)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    parser.add_argument("--front", action="store_true",
+                        help="call through `conceptlens front` (needs nginx) and report its refusals and memory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default bench/results/soak.json, soak_front.json with --front)")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "bench" / "results" / ("soak_front.json" if args.front else "soak.json")
     if args.minutes <= args.warmup_min + 1:
         parser.error("--minutes must exceed --warmup-min by more than one minute (baseline and final windows)")
 
@@ -200,10 +228,16 @@ def main() -> int:
                 print(f"soak: server did not start: {line!r}; log: {log_path.read_text()[-2000:]}", file=sys.stderr)
                 return 1
             port = int(line.rsplit(" ", 1)[1])
-            target = f"127.0.0.1:{port}"
+            target, front = f"127.0.0.1:{port}", None
             try:
-                result = soak(args, server.pid, target, metrics_port, src, repo)
+                if args.front:
+                    front, target, front_metrics_port = start_front(target, tmp / "front", log)
+                result = soak(args, server.pid, target, metrics_port, src, repo,
+                              front=(front.pid, front_metrics_port) if front else None)
             finally:
+                if front is not None:
+                    front.terminate()
+                    front.wait(30)
                 server.terminate()
                 try:
                     server.wait(30)
@@ -222,7 +256,9 @@ def main() -> int:
     return 0
 
 
-def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) -> dict:
+def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path,
+         front: tuple[int, int] | None = None) -> dict:
+    """`front`: (pid, metrics port) of `conceptlens front` when the clients call through it."""
     from conceptlens_client import Client
 
     traffic = Traffic(target)
@@ -237,11 +273,12 @@ def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) 
     next_sample = start
     version = 1
     reloads: list[dict] = []
-    samples: list[tuple[float, int, int]] = []  # (seconds since start, server RSS kB, tree RSS kB)
+    samples: list[tuple[float, int, int, int]] = []  # (seconds since start, server, its tree, front tree: RSS kB)
     with Client(target, timeout=30) as control:
         while (now := time.monotonic()) < end:
             if now >= next_sample:
-                samples.append((now - start, rss_kb(pid), sum(rss_kb(p) for p in tree_pids(pid))))
+                samples.append((now - start, rss_kb(pid), sum(rss_kb(p) for p in tree_pids(pid)),
+                                sum(rss_kb(p) for p in tree_pids(front[0])) if front else 0))
                 next_sample += args.sample_s
             if now >= next_reload:
                 version += 1
@@ -263,7 +300,8 @@ def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) 
     traffic.stop.set()
     for thread in traffic.threads:
         thread.join(90)
-    server_codes = scrape_codes(metrics_port)
+    server_codes = scrape_totals(metrics_port, "conceptlens_requests_total", "code")
+    front_refusals = scrape_totals(front[1], "conceptlens_front_refusals_total", "method") if front else None
 
     def window(lo_s: float, hi_s: float, column: int) -> float:
         values = [s[column] for s in samples if lo_s <= s[0] < hi_s]
@@ -271,8 +309,9 @@ def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) 
 
     warm = args.warmup_min * 60
     total = args.minutes * 60
-    baseline = {"server": window(warm, warm + 60, 1), "tree": window(warm, warm + 60, 2)}
-    final = {"server": window(total - 60, total + 1, 1), "tree": window(total - 60, total + 1, 2)}
+    columns = {"server": 1, "tree": 2, **({"front": 3} if front else {})}
+    baseline = {key: window(warm, warm + 60, column) for key, column in columns.items()}
+    final = {key: window(total - 60, total + 1, column) for key, column in columns.items()}
     return {
         "bench": "soak",
         "minutes": args.minutes, "reload_s": args.reload_s, "warmup_min": args.warmup_min,
@@ -284,6 +323,7 @@ def soak(args, pid: int, target: str, metrics_port: int, src: Path, repo: Path) 
         "first_unexpected_messages": traffic.messages,
         "server_codes": server_codes,
         "server_internal_or_unknown": server_codes.get("INTERNAL", 0) + server_codes.get("UNKNOWN", 0),
+        "front_refusals": front_refusals,
         "reloads": reloads,
         "rss_kb_baseline": baseline, "rss_kb_final": final,
         "rss_growth": {k: final[k] / baseline[k] - 1 for k in baseline},
@@ -299,10 +339,14 @@ def report(result: dict) -> None:
     print(f"  INTERNAL/UNKNOWN seen by clients: {result['client_internal_or_unknown']} (target 0); counted by the "
           f"server: {result['server_internal_or_unknown']:g}; tracebacks in the server log: "
           f"{result['server_log_tracebacks']}")
+    if result["front_refusals"] is not None:
+        refused = ", ".join(f"{m} {n:g}" for m, n in sorted(result["front_refusals"].items()))
+        print(f"  through the front; it refused: {refused} (server's RESOURCE_EXHAUSTED "
+              f"{result['server_codes'].get('RESOURCE_EXHAUSTED', 0):g})")
     good = sum(1 for r in result["reloads"] if r["served"] == r["published"])
     print(f"  reloads: {good}/{len(result['reloads'])} served the new version "
           f"(slowest {max((r['took_s'] for r in result['reloads']), default=0):.1f} s)")
-    for key in ("server", "tree"):
+    for key in result["rss_kb_baseline"]:
         print(f"  RSS {key:6s}: {result['rss_kb_baseline'][key] / 1024:.0f} MiB after warm-up -> "
               f"{result['rss_kb_final'][key] / 1024:.0f} MiB at the end ({result['rss_growth'][key]:+.1%}; "
               "target <= +5%)")
