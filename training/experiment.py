@@ -398,9 +398,9 @@ def summarize(per_seed: dict[str, list[dict[str, Any]]], cfg: ExperimentConfig,
 
 
 def _compute_note(results: dict[str, Any]) -> str:
-    seconds = results.get("compute_seconds")
-    if seconds is None:
-        return ""
+    seconds, wall = results.get("compute_seconds"), results.get("wall_seconds")
+    if seconds is None or wall is None or wall >= seconds:
+        return ""  # one uninterrupted run (its wall time also covers data and pools): the wall time is the figure
     return (f" (this run reused finished trainings; every step's own time summed, i.e. one uninterrupted run on "
             f"this machine: {seconds / 60:.0f} min)")
 

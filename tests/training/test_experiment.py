@@ -39,7 +39,7 @@ def test_experiment_paper_quick_writes_results(tmp_path, capsys):
     assert results["compute_seconds"] >= sum(results["regimes"]["pgd_at"]["train_seconds"]) > 0
     md = (out / "results.md").read_text()
     assert "| metric | pgd_at | consistent | csg |" in md and "flip rate" in md and "Comparisons" in md
-    assert "| label stability † |" in md and "one uninterrupted run" in md
+    assert "| label stability † |" in md and "reused" not in md  # a fresh run: its wall time is the figure
 
 
 def test_experiment_rejects_bad_arguments(tmp_path, capsys):
@@ -89,5 +89,9 @@ def test_summary_tables_and_figures_from_per_seed_rows(tmp_path):
     md = to_markdown(results)
     assert "| metric | pgd_at | consistent | csg | standard |" in md and "flip rate within the cap" in md
     assert "mostly failed attacks" in md  # the dissection PGD succeeded on 1% in every regime here
+    assert "reused" not in md
+    # a resumed run's wall time undercounts; the sum of its steps stands in for it
+    resumed = to_markdown({**results, "wall_seconds": 600.0, "compute_seconds": 3000.0})
+    assert "Wall time 600.0 s (this run reused finished trainings" in resumed and "50 min)" in resumed
     figures = write_figures(results, tmp_path / "figures")
     assert all(p.is_file() and p.stat().st_size > 1000 for p in figures)
