@@ -45,6 +45,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from conceptlens.server import front
 from conceptlens.server.front_metrics import RefusalLog
@@ -103,16 +104,19 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def scrape(port: int) -> dict[tuple[str, str], float]:
-    """conceptlens_requests_total by (method, code)."""
+def scrape_samples(port: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` on http://127.0.0.1:port/metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
+    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """conceptlens_requests_total by (method, code)."""
     counts: Counter = Counter()
-    for line in text.splitlines():
-        if line.startswith("conceptlens_requests_total{"):
-            method = re.search(r'method="([^"]*)"', line)[1]
-            code = re.search(r'code="([^"]*)"', line)[1]
-            counts[(method, code)] += float(line.rsplit(" ", 1)[1])
+    for labels, value in scrape_samples(port, "conceptlens_requests_total"):
+        counts[(labels["method"], labels["code"])] += value
     return dict(counts)
 
 

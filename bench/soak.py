@@ -30,10 +30,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from overload import free_port, scrape_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "soak"
@@ -58,12 +58,6 @@ def publish(src: Path, repo: Path, version: int) -> None:
     tmp = repo / NAME / f".{version}.tmp"
     shutil.copytree(src, tmp)
     os.replace(tmp, repo / NAME / str(version))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kb(pid: int) -> int:
@@ -156,15 +150,11 @@ def probe(client, rng) -> None:
                  timeout=60)
 
 
-def scrape_totals(port: int, family: str, label: str) -> dict[str, float]:
-    """A counter family from a /metrics page, summed by one label (e.g. conceptlens_requests_total by code)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+def scrape_totals(port: int, name: str, label: str) -> dict[str, float]:
+    """Samples called `name` on a /metrics page, summed by one label (e.g. conceptlens_requests_total by code)."""
     totals: dict[str, float] = collections.Counter()
-    for line in text.splitlines():
-        if line.startswith(family + "{"):
-            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
-            totals[value] += float(line.rsplit(" ", 1)[1])
+    for labels, value in scrape_samples(port, name):
+        totals[labels[label]] += value
     return dict(totals)
 
 
