@@ -4,7 +4,7 @@ glibc's malloc serves blocks above its *dynamic* mmap threshold with fresh mmap(
 so every forward pass on CPU faults its activation buffers in again, page by page, zero-filled by the kernel,
 and whether a process lands in the slow or the fast mode depends on the order of its first frees (measured:
 bench/README.md, "CPU allocator"). This is the effect jemalloc or tcmalloc are usually LD_PRELOADed for on
-CPU inference; two mallopt() calls get it without a new dependency.
+CPU inference; three mallopt() calls get it without a new dependency.
 
 `tune_allocator()` is called by the entry points that run torch on CPU (the `conceptlens` command and the
 probe worker); library users call it themselves. It respects an operator's own `MALLOC_*_` or `GLIBC_TUNABLES`
@@ -22,14 +22,21 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # glibc's ceiling on 64-bit: larger blocks are rare (and still mmapped) below it
+_M_MMAP_MAX = -4
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling on 64-bit
+# ...and blocks at or above that ceiling would still be mmapped afresh on every allocation: a batch of 64 images of
+# 64 px has 33.5 MB activations (small_cnn's first layer), ~400,000 page faults per PGD training step
+# (bench/README.md). No mmap at all keeps them in the heap too; glibc still maps what a heap cannot hold.
+MMAP_MAX = 0
 TRIM_THRESHOLD = 1 << 30  # free heap top kept up to 1 GiB before it is returned to the OS
-_OPERATOR_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+_OPERATOR_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_",
+                      "LD_PRELOAD")
 _done = False
 
 
 def tune_allocator() -> bool:
-    """Raise glibc's mmap and trim thresholds (once per process). True when they are set now or were before."""
+    """Keep freed blocks of every size in glibc's heap: no mmap()ed blocks, a 1 GiB trim threshold (once per
+    process). True when this is set now or was before."""
     global _done
     if _done:
         return True
@@ -42,5 +49,7 @@ def tune_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # no glibc here
         return False
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _done = all(mallopt(option, value) for option, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                                                             (_M_MMAP_MAX, MMAP_MAX),
+                                                             (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _done
