@@ -206,11 +206,17 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _train(tc: Any, run_dir: Path) -> Any:
+    """Train into `run_dir`, reuse the run finished there, or continue the one an interrupted experiment left
+    (from its last checkpoint; same config, since the folder is named by regime and seed like every reused run)."""
+    from conceptlens.training import checkpoint
     from conceptlens.training.run import load_run
     from conceptlens.training.trainer import train
 
     if (run_dir / "run.json").is_file():
         log.info("reusing the finished run in %s", run_dir)
+    elif (run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST).is_file():
+        log.info("continuing the interrupted run in %s", run_dir)
+        train(tc, run_dir, resume=True)
     else:
         train(tc, run_dir)
     return load_run(run_dir).eval()

@@ -95,3 +95,25 @@ def test_summary_tables_and_figures_from_per_seed_rows(tmp_path):
     assert "Wall time 600.0 s (this run reused finished trainings" in resumed and "50 min)" in resumed
     figures = write_figures(results, tmp_path / "figures")
     assert all(p.is_file() and p.stat().st_size > 1000 for p in figures)
+
+
+def test_an_interrupted_training_is_continued_from_its_checkpoint(tmp_path, caplog):
+    """A run the experiment left without run.json (killed mid-training) is resumed, not refused as a clash:
+    otherwise a restarted `experiment paper` stops at the first interrupted model (as a sweep of ours did)."""
+    import logging
+
+    import torch
+
+    from conceptlens.training import config as train_config
+    from conceptlens.training.experiment import QUICK, _train
+
+    tc = train_config.load(None, [*QUICK, "attack.name=none"])
+    run_dir = tmp_path / "runs" / "standard" / "seed0"
+    finished = _train(tc, run_dir)
+    (run_dir / "run.json").unlink()  # as if killed after its last checkpoint
+    with caplog.at_level(logging.INFO, logger="conceptlens.training.experiment"):
+        continued = _train(tc, run_dir)
+    assert "continuing the interrupted run" in caplog.text
+    assert (run_dir / "run.json").is_file()
+    for a, b in zip(finished.state_dict().values(), continued.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
