@@ -440,16 +440,20 @@ def to_markdown(results: dict[str, Any]) -> str:
     if s.get("complete") is False:
         done = "; ".join(f"{r}: {seeds}" for r, seeds in s.get("seeds_done", {}).items())
         lines[2:2] = [f"**Partial results, the run is not finished.** Seeds measured so far: {done}.", ""]
+    weak = _rarely_flipped(results, regimes, "dissect_attack_success")
+    transfers_failed = _rarely_flipped(results, regimes, "shared_pool_flip")
     for key, (label, _) in METRICS.items():
-        mark = " †" if key in ON_DISSECTION_PGD else ""
+        mark = " †" if key in ON_DISSECTION_PGD else " ‡" if key == "consistency_shared" and transfers_failed else ""
         lines.append(f"| {label}{mark} | " + " | ".join(_cell(results["regimes"][r].get(key)) for r in regimes) + " |")
-    success = {r: (results["regimes"][r].get("dissect_attack_success") or {}).get("value") for r in regimes}
-    weak = [f"{r} {v:.1%}" for r, v in success.items() if v is not None and v < 0.5]
     lines += ["", "† measured on the dissection's own targeted PGD images (ε as in training)"
               + (f", which changed the prediction on only {', '.join(weak)} of the probe images: for those regimes "
                  "these rows compare real images with perturbed ones that are mostly failed attacks, not with "
-                 "adversarial examples; the white-box and shared-pool rows are the ones made of attacks that "
-                 "worked (their flip rates below)." if weak else ".")]
+                 "adversarial examples; the white-box rows are the ones made of attacks that flipped the evaluated "
+                 "model (their flip rates below)." if weak else ".")]
+    if transfers_failed:  # the pool's images fooled the surrogates, which says nothing of the evaluated model
+        lines += ["", "‡ the shared transfer pool fooled the surrogates it was made against, but changed the "
+                  f"evaluated model's prediction on only {', '.join(transfers_failed)} of its images: for those "
+                  "regimes this row compares real images with transfers that mostly failed."]
     lines += ["", "## Adversarial pools: how often the attacks did what they claim", "",
               "| pool | " + " | ".join(regimes) + " |", "| --- | " + " | ".join("---" for _ in regimes) + " |"]
     pool_labels = {"dissect_attack_success": "targeted PGD success at dissection",
@@ -482,6 +486,12 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in results["figures"]), ""]
     lines.append("")
     return "\n".join(lines)
+
+
+def _rarely_flipped(results: dict[str, Any], regimes: list[str], pool_metric: str) -> list[str]:
+    """'regime rate' for each regime whose pool changed fewer than half of its predictions."""
+    rates = {r: (results["regimes"][r].get(pool_metric) or {}).get("value") for r in regimes}
+    return [f"{r} {v:.1%}" for r, v in rates.items() if v is not None and v < 0.5]
 
 
 def write_figures(results: dict[str, Any], folder: Path) -> list[Path]:

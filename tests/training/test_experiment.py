@@ -89,6 +89,8 @@ def test_summary_tables_and_figures_from_per_seed_rows(tmp_path):
     md = to_markdown(results)
     assert "| metric | pgd_at | consistent | csg | standard |" in md and "flip rate within the cap" in md
     assert "mostly failed attacks" in md  # the dissection PGD succeeded on 1% in every regime here
+    # the shared pool flipped 20% of each model's predictions: its row is marked as mostly failed transfers
+    assert "| consistency, real ∪ shared transfer pool ‡ |" in md and "consistent 20.0%" in md
     assert "reused" not in md
     # a resumed run's wall time undercounts; the sum of its steps stands in for it
     resumed = to_markdown({**results, "wall_seconds": 600.0, "compute_seconds": 3000.0})
