@@ -31,7 +31,7 @@ from conceptlens.handlers.errors import InvalidInput
 SERVICE = "conceptlens.v1.ConceptLens"
 METHODS = ("Predict", "Explain", "Probe", "ListModels", "GetModel")
 # calls in flight per method: about one batch running and one waiting (bench/overload.py --front: with Predict=4
-# the 1-image admitted p99 is 4.4-5.5x unloaded, at the target's edge; with 6, 8 or 16 admitted calls wait longer)
+# the 1-image admitted p99 is 4.4-5.4x unloaded, at the target's edge; with 6, 8 or 16 admitted calls wait longer)
 DEFAULT_LIMITS = {"Predict": 4, "Explain": 4, "Probe": 8}
 RESOURCE_EXHAUSTED = 8  # google.rpc.Code
 
