@@ -5,7 +5,8 @@ process is the load generator (gRPC futures on pre-serialised requests, replies 
 away from the server's CPUs (`--server-cpus`) so that the two do not share a core.
 Phases, each bounded in time:
   1. unloaded: one client, back-to-back Predicts: the unloaded p50 / p99;
-  2. capacity: `--clients` closed-loop clients for `--capacity-s` seconds: OK calls/s;
+  2. capacity: `--clients` closed-loop clients for `--capacity-s` seconds: OK calls/s (a refused client waits
+     out the refusal's retry pushback before its next call, as gRPC's retry policy would);
   3. overload: an open-loop arrival rate of `--factor` x capacity for `--duration` seconds, every call with a
      `--deadline` second deadline: goodput (OK calls/s) / capacity, failures by status code, admitted (OK) p99 /
      unloaded p99;
@@ -141,7 +142,8 @@ class Load:
         self._idle = threading.Condition(self._lock)
 
     def start(self, on_done=None) -> None:
-        """Send one call; `on_done()` runs when it ends (on gRPC's thread)."""
+        """Send one call; `on_done(pushback_s)` runs when it ends (on gRPC's thread), with the retry pushback of a
+        refusal (0 for other codes)."""
         t0 = time.perf_counter()
         with self._lock:
             self._pending += 1
@@ -153,20 +155,40 @@ class Load:
                 self._pending -= 1
                 self._idle.notify_all()
             if on_done is not None:
-                on_done()
+                on_done(pushback_s(future) if code == "RESOURCE_EXHAUSTED" else 0.0)
 
         self.call.future(self.request, timeout=self.deadline).add_done_callback(done)
+
+    def start_later(self, delay_s: float, on_done) -> None:
+        """`start(on_done)` after `delay_s`; counted as pending meanwhile, so `wait()` waits for it too."""
+        with self._lock:
+            self._pending += 1
+
+        def fire() -> None:
+            self.start(on_done)
+            with self._lock:
+                self._pending -= 1
+
+        timer = threading.Timer(delay_s, fire)
+        timer.daemon = True
+        timer.start()
 
     def wait(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
 
     def closed(self, clients: int, seconds: float) -> None:
-        """`clients` callers, each sending its next call when the last one ended, for `seconds`."""
+        """`clients` callers, each sending its next call when the last one ended, for `seconds`. A refused caller
+        first waits out the refusal's retry pushback, as a gRPC client's retry policy would (gRFC A6): callers that
+        re-sent at once would spin against the front's limit and measure its refusals rather than capacity."""
         end = time.perf_counter() + seconds
 
-        def again() -> None:
-            if time.perf_counter() < end:
+        def again(pushback: float = 0.0) -> None:
+            if time.perf_counter() + pushback >= end:
+                return
+            if pushback > 0:
+                self.start_later(pushback, again)
+            else:
                 self.start(again)
 
         for _ in range(clients):
@@ -192,6 +214,15 @@ class Load:
         return [r for r in self.records if r[0] >= t0]
 
 
+def pushback_s(future: grpc.Future) -> float:
+    """The `grpc-retry-pushback-ms` trailer of a finished call in seconds (0 when absent or negative)."""
+    try:
+        ms = int(dict(future.trailing_metadata() or ()).get("grpc-retry-pushback-ms", "0"))
+    except ValueError:
+        return 0.0
+    return max(ms, 0) / 1000
+
+
 def summary(records: list[tuple[float, float, str]], seconds: float) -> dict:
     codes = Counter(code for _, _, code in records)
     ok = [lat for _, lat, code in records if code == "OK"]
@@ -215,7 +246,7 @@ def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, w
 
 def run(args: argparse.Namespace, port: int, images_per_call: int, backend_port: int | None = None) -> dict:
     """Every phase against `port`; with a front, `backend_port` is the server behind it, whose own capacity is
-    measured too (the front's refusals make closed-loop clients spin, so capacity through it reads lower)."""
+    measured too: nginx shares the server's CPUs and adds a hop, and this says what that costs."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ConceptLensStub(channel)
         model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]

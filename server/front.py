@@ -30,9 +30,11 @@ from conceptlens.handlers.errors import InvalidInput
 
 SERVICE = "conceptlens.v1.ConceptLens"
 METHODS = ("Predict", "Explain", "Probe", "ListModels", "GetModel")
-# calls in flight per method: about one batch running and one waiting (bench/overload.py --front: with Predict=4
-# the 1-image admitted p99 is 4.4-5.4x unloaded, at the target's edge; with 6, 8 or 16 admitted calls wait longer)
-DEFAULT_LIMITS = {"Predict": 4, "Explain": 4, "Probe": 8}
+# calls in flight per method. A 1-image Predict is mostly per-call work that batching cannot share (the default
+# model's forward pass is ~1.5 ms per image at any batch size, beside ~1 ms of gRPC), so N admitted calls take
+# ~N x the unloaded latency: 3 keeps the server busy through the hops and the admitted p99 ~3x unloaded
+# (bench/README.md: 4 read 3.5-5.4x with the same goodput, 2 sometimes lost a third of it)
+DEFAULT_LIMITS = {"Predict": 3, "Explain": 4, "Probe": 8}
 RESOURCE_EXHAUSTED = 8  # google.rpc.Code
 
 
