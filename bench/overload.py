@@ -19,8 +19,9 @@ server's VmHWM (its probe workers are separate processes, listed beside it).
 
 Every phase runs once per request shape (`--images-per-call`, default 1 and 8 images per Predict), each against a
 fresh server. Prints a table per shape and writes bench/results/overload.json. With `--front`, the load goes
-through `conceptlens front` (nginx, server/front.py) pinned to the server's CPUs, which refuses calls over its
-per-method in-flight limits before they reach Python; its refusals are added to the server's counts.
+through `conceptlens front` (nginx, server/front.py) pinned to the server's CPUs (or `--front-cpus`), which
+refuses calls over its per-method in-flight limits before they reach Python; its refusals are added to the
+server's counts.
 
     .venv/bin/python bench/overload.py [--duration 30] [--factor 4] [--deadline 1.0] [--clients 8]
         [--images-per-call 1,8] [--server-cpus 0] [--server-arg=--max-inflight --server-arg=predict=32 ...]
@@ -326,10 +327,11 @@ def measure(args: argparse.Namespace, images_per_call: int, server_args: list[st
         proc, port = start_server(args.models, metrics_port, server_args, log, server_cpus or None)
         nginx, backend_port = None, None
         try:
-            if with_front:  # nginx in front, on the server's CPUs: the load goes to it
+            if with_front:  # nginx in front (on the server's CPUs unless --front-cpus): the load goes to it
                 cfg = front.FrontConfig(listen=f"127.0.0.1:{free_port()}", backend=f"127.0.0.1:{port}",
                                         directory=Path(front_dir), limits=front.parse_limits(args.front_limit))
-                pin = (lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None
+                front_cpus = cpu_set(args.front_cpus) if args.front_cpus is not None else server_cpus
+                pin = (lambda: os.sched_setaffinity(0, front_cpus)) if front_cpus else None
                 nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pin)
                 backend_port, port = port, int(cfg.listen.rsplit(":", 1)[1])
             time.sleep(2.0)  # the probe worker imports torch beside the server; let it settle
@@ -436,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="send the load straight to the server (off), through `conceptlens front` (nginx, pinned "
                              "to the server's CPUs; on), or measure both side by side (default: both where nginx is "
                              "installed, else off)")
+    parser.add_argument("--front-cpus", default=None,
+                        help="CPUs nginx may use (default: the server's, so the front's cost comes out of the "
+                             "server's CPU); e.g. the load generator's, as a sidecar with its own CPU request")
     parser.add_argument("--front-limit", action="append", default=[], metavar="METHOD=N",
                         help="the front's in-flight limit per method (repeat; default "
                              + ", ".join(f"{m}={n}" for m, n in front.DEFAULT_LIMITS.items()) + ")")
@@ -456,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             server_args += [f"--threads={len(server_cpus)}"]
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg(),
                "server_args": server_args, "server_cpus": sorted(server_cpus), "front": args.front,
+               "front_cpus": sorted(cpu_set(args.front_cpus)) if args.front_cpus is not None else None,
                "front_limits": front.parse_limits(args.front_limit) if args.front != "off" else None,
                "client_cpus": sorted(os.sched_getaffinity(0)) if server_cpus else None}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before; server on CPUs "
