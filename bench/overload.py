@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--front needs an nginx binary on PATH (Debian: apt-get install nginx-light)")
     shapes = [int(v) for v in args.images_per_call.split(",") if v.strip()]
 
+    for flag, text in (("--server-cpus", args.server_cpus), ("--front-cpus", args.front_cpus or "")):
+        try:
+            cpu_set(text)
+        except ValueError:
+            parser.error(f"{flag}: expected CPU numbers such as 0 or 0,2-3, got {text!r}")
     server_cpus = cpu_set(args.server_cpus) if hasattr(os, "sched_setaffinity") else set()
     server_args = list(args.server_arg)
     if server_cpus:
