@@ -247,7 +247,7 @@ def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, w
 
 def run(args: argparse.Namespace, port: int, images_per_call: int, backend_port: int | None = None) -> dict:
     """Every phase against `port`; with a front, `backend_port` is the server behind it, whose own capacity is
-    measured too: nginx shares the server's CPUs and adds a hop, and this says what that costs."""
+    measured too: nginx adds a hop (and by default shares the server's CPUs), and this says what that costs."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ConceptLensStub(channel)
         model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
@@ -330,7 +330,7 @@ def measure(args: argparse.Namespace, images_per_call: int, server_args: list[st
             if with_front:  # nginx in front (on the server's CPUs unless --front-cpus): the load goes to it
                 cfg = front.FrontConfig(listen=f"127.0.0.1:{free_port()}", backend=f"127.0.0.1:{port}",
                                         directory=Path(front_dir), limits=front.parse_limits(args.front_limit))
-                front_cpus = cpu_set(args.front_cpus) if args.front_cpus is not None else server_cpus
+                front_cpus = args.front_cpu_set if args.front_cpu_set is not None else server_cpus
                 pin = (lambda: os.sched_setaffinity(0, front_cpus)) if front_cpus else None
                 nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pin)
                 backend_port, port = port, int(cfg.listen.rsplit(":", 1)[1])
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     has_nginx = front.nginx_binary() is not None
     parser.add_argument("--front", choices=("off", "on", "both"), default="both" if has_nginx else "off",
                         help="send the load straight to the server (off), through `conceptlens front` (nginx, pinned "
-                             "to the server's CPUs; on), or measure both side by side (default: both where nginx is "
-                             "installed, else off)")
+                             "to the server's CPUs unless --front-cpus; on), or measure both side by side (default: "
+                             "both where nginx is installed, else off)")
     parser.add_argument("--front-cpus", default=None,
                         help="CPUs nginx may use (default: the server's, so the front's cost comes out of the "
                              "server's CPU); e.g. the load generator's, as a sidecar with its own CPU request")
@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"{flag}: expected CPU numbers such as 0 or 0,2-3, got {text!r}")
     server_cpus = cpu_set(args.server_cpus) if hasattr(os, "sched_setaffinity") else set()
+    pinning = hasattr(os, "sched_setaffinity")
+    args.front_cpu_set = cpu_set(args.front_cpus) if args.front_cpus is not None and pinning else None
     server_args = list(args.server_arg)
     if server_cpus:
         client_cpus = set(os.sched_getaffinity(0)) - server_cpus
@@ -466,12 +468,12 @@ def main(argv: list[str] | None = None) -> int:
             server_args += [f"--threads={len(server_cpus)}"]
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg(),
                "server_args": server_args, "server_cpus": sorted(server_cpus), "front": args.front,
-               "front_cpus": sorted(cpu_set(args.front_cpus)) if args.front_cpus is not None else None,
+               "front_cpus": sorted(args.front_cpu_set) if args.front_cpu_set is not None else None,
                "front_limits": front.parse_limits(args.front_limit) if args.front != "off" else None,
                "client_cpus": sorted(os.sched_getaffinity(0)) if server_cpus else None}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before; server on CPUs "
-          f"{machine['server_cpus'] or 'any'}, load generator on {machine['client_cpus'] or 'any'}; server args "
-          f"{' '.join(server_args) or 'none'}")
+          f"{machine['server_cpus'] or 'any'}, load generator on {machine['client_cpus'] or 'any'}, front (if any) "
+          f"on {machine['front_cpus'] or 'the same as the server'}; server args {' '.join(server_args) or 'none'}")
     results = {}
     fronts = {"off": [False], "on": [True], "both": [False, True]}[args.front]
     for n in shapes:
