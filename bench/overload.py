@@ -50,6 +50,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from conceptlens.server import front
+from conceptlens.server.errors import PUSHBACK_KEY
 from conceptlens.server.front_metrics import RefusalLog
 from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 from conceptlens_client.v1 import conceptlens_service_pb2_grpc as pb_grpc
@@ -216,9 +217,10 @@ class Load:
 
 
 def pushback_s(future: grpc.Future) -> float:
-    """The `grpc-retry-pushback-ms` trailer of a finished call in seconds (0 when absent or negative)."""
+    """The retry pushback trailer (`grpc-retry-pushback-ms`) of a finished call in seconds (0 when absent or
+    negative)."""
     try:
-        ms = int(dict(future.trailing_metadata() or ()).get("grpc-retry-pushback-ms", "0"))
+        ms = int(dict(future.trailing_metadata() or ()).get(PUSHBACK_KEY, "0"))
     except ValueError:
         return 0.0
     return max(ms, 0) / 1000
