@@ -32,9 +32,9 @@ SERVICE = "conceptlens.v1.ConceptLens"
 METHODS = ("Predict", "Explain", "Probe", "ListModels", "GetModel")
 # calls in flight per method. A 1-image Predict is mostly per-call work that batching cannot share (the default
 # model's forward pass is ~1.5 ms per image at any batch size, beside ~1 ms of gRPC), so N admitted calls take
-# ~N x the unloaded latency: 3 keeps the server busy through the hops and the admitted p99 ~3x unloaded
-# (bench/README.md: 4 read 3.5-5.4x with the same goodput, 2 sometimes lost a third of it)
-DEFAULT_LIMITS = {"Predict": 3, "Explain": 4, "Probe": 8}
+# ~N x the unloaded latency. Paired rounds (bench/front_paired.py, bench/README.md): 4 gives 0.03-0.05 more of
+# the bare server's capacity under 4x overload than 3, at an admitted p99 ~0.8x unloaded higher (3-4.4x in all)
+DEFAULT_LIMITS = {"Predict": 4, "Explain": 4, "Probe": 8}
 RESOURCE_EXHAUSTED = 8  # google.rpc.Code
 
 
