@@ -34,23 +34,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from conceptlens.server import front
 from conceptlens.training.stats import bootstrap_mean
-from conceptlens_client.v1 import conceptlens_service_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overload import ROOT, Load, cpu_set, free_port, start_server, summary  # sibling bench module
+from overload import ROOT, Load, add_load_arguments, cpu_set, first_model_request, free_port, start_server, summary
 
 PLACEMENTS = ("shared", "own")
-
-
-def predict_request(images: int) -> pb.PredictRequest:
-    """The default model's input (3x64x64 uint8), `images` per call: what bench/overload.py sends."""
-    x = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
-    image = pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))
-    return pb.PredictRequest(model="shapes", images=[image] * images)
 
 
 def start_front(stack: ExitStack, backend_port: int, limit: int, cpus: set[int], log) -> int:
@@ -70,15 +61,12 @@ def interval(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default: models/)")
+    add_load_arguments(parser)
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds (default 10)")
     parser.add_argument("--limits", default="3,4", help="the fronts' Predict limits, comma-separated (default 3,4)")
     parser.add_argument("--placements", default="shared,own",
                         help="where nginx runs: shared (the server's CPUs), own (the load generator's); default both")
     parser.add_argument("--images-per-call", type=int, default=1, help="images per Predict (default 1)")
-    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate / capacity (default 4)")
-    parser.add_argument("--deadline", type=float, default=1.0, help="deadline of each overload call, s (default 1)")
-    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients for capacity (default 8)")
     parser.add_argument("--capacity-s", type=float, default=5.0, help="capacity phase of a round, s (default 5)")
     parser.add_argument("--overload-s", type=float, default=8.0, help="overload phase per front, s (default 8)")
     parser.add_argument("--unloaded-s", type=float, default=4.0, help="unloaded phase per front, s (default 4)")
@@ -101,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     if not server_cpus or not client_cpus:
         parser.error(f"--server-cpus {args.server_cpus!r} must leave a CPU for the load generator")
     os.sched_setaffinity(0, client_cpus)
-    request = predict_request(args.images_per_call)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; server on {sorted(server_cpus)}, load "
           f"generator on {sorted(client_cpus)}; {args.images_per_call} image(s) per Predict; {args.rounds} rounds")
 
@@ -111,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                   log, server_cpus)
         stack.callback(lambda: (proc.terminate(), proc.wait(30)))
         channels = {"bare": stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}"))}
+        _, _, request = first_model_request(channels["bare"], args.images_per_call)
         for placement in placements:
             cpus = server_cpus if placement == "shared" else client_cpus
             for limit in limits:

@@ -247,16 +247,30 @@ def recovery(load: Load, clients: int, capacity: float, limit_s: float = 20.0, w
     return elapsed
 
 
+def first_model_request(channel: grpc.Channel, images_per_call: int) -> tuple[pb.Model, pb.Image, pb.PredictRequest]:
+    """The repository's first model (ListModels), one random uint8 image of its input shape, and a Predict of
+    `images_per_call` copies of that image: what the overload benches send."""
+    model = pb_grpc.ConceptLensStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+    size, channels = model.input.size, model.input.channels
+    x = np.random.default_rng(0).integers(0, 256, (channels, size, size), dtype=np.uint8)
+    image = pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))
+    return model, image, pb.PredictRequest(model=model.model, images=[image] * images_per_call)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags the overload benches share: the model repository, the overload and the capacity clients."""
+    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default: models/)")
+    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate / capacity (default 4)")
+    parser.add_argument("--deadline", type=float, default=1.0, help="deadline of each overload call, s (default 1)")
+    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients for capacity (default 8)")
+
+
 def run(args: argparse.Namespace, port: int, images_per_call: int, backend_port: int | None = None) -> dict:
     """Every phase against `port`; with a front, `backend_port` is the server behind it, whose own capacity is
     measured too: nginx adds a hop (and by default shares the server's CPUs), and this says what that costs."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.ConceptLensStub(channel)
-        model = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+        model, image, predict = first_model_request(channel, images_per_call)
         size, channels = model.input.size, model.input.channels
-        x = np.random.default_rng(0).integers(0, 256, (channels, size, size), dtype=np.uint8)
-        image = pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype=pb.Tensor.UINT8, data=x.tobytes()))
-        predict = pb.PredictRequest(model=model.model, images=[image] * images_per_call)
         out: dict = {"model": model.name,
                      "input": f"{channels}x{size}x{size} uint8 tensor, {images_per_call} image(s) per call"}
 
@@ -415,11 +429,8 @@ def report(args: argparse.Namespace, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default: models/)")
+    add_load_arguments(parser)
     parser.add_argument("--duration", type=float, default=30.0, help="overload seconds (default 30)")
-    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate / capacity (default 4)")
-    parser.add_argument("--deadline", type=float, default=1.0, help="deadline of each overload call, s (default 1)")
-    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients for capacity (default 8)")
     parser.add_argument("--capacity-s", type=float, default=10.0, help="capacity phase seconds (default 10)")
     parser.add_argument("--unloaded-s", type=float, default=5.0, help="unloaded phase seconds (default 5)")
     parser.add_argument("--probe-s", type=float, default=10.0, help="each probe-burst phase, seconds (default 10)")
