@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overload import ROOT, Load, add_load_arguments, cpu_set, first_model_request, free_port, start_server, summary
 
 PLACEMENTS = ("shared", "own")
+GOODPUT_TARGET, P99_TARGET = 0.8, 5.0  # issue 14: goodput / capacity >= 0.8, admitted p99 / unloaded p99 <= 5
 
 
 def start_front(stack: ExitStack, backend_port: int, limit: int, cpus: set[int], log) -> int:
@@ -52,6 +53,15 @@ def start_front(stack: ExitStack, backend_port: int, limit: int, cpus: set[int],
     nginx = front.start(cfg, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     stack.callback(lambda: (nginx.terminate(), nginx.wait(30)))
     return int(cfg.listen.rsplit(":", 1)[1])
+
+
+def holding_limits(results: dict[str, dict], placement: str, limits: list[int]) -> list[int]:
+    """The limits at `placement` whose mean goodput / bare capacity and mean p99 ratio both meet the targets. The
+    right limit depends on what a call costs beside the hop through nginx (bench/README.md, "The limit depends on
+    the call's cost"), so this is the line to read when choosing one for a deployment."""
+    return [limit for limit in limits
+            if results[f"{placement} limit {limit}"]["goodput_over_capacity"]["value"] >= GOODPUT_TARGET
+            and results[f"{placement} limit {limit}"]["p99_over_unloaded"]["value"] <= P99_TARGET]
 
 
 def interval(values: list[float]) -> dict[str, float]:
@@ -136,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, f in row["fronts"].items()), flush=True)
 
     results = {}
-    print(f"\nmean over {args.rounds} rounds [95% interval]   (targets: goodput / capacity >= 0.8, admitted p99 / "
-          "unloaded p99 <= 5, RESOURCE_EXHAUSTED share >= 0.95)")
+    print(f"\nmean over {args.rounds} rounds [95% interval]   (targets: goodput / capacity >= {GOODPUT_TARGET}, "
+          f"admitted p99 / unloaded p99 <= {P99_TARGET:g}, RESOURCE_EXHAUSTED share >= 0.95)")
     for name in fronts:
         per = [row["fronts"][name] for row in rounds]
         results[name] = {key: interval([f[key] for f in per])
@@ -158,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             g, p = diff["goodput_over_capacity"], diff["p99_over_unloaded"]
             print(f"  {name} - {base}: goodput / bare capacity {g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
                   f"   p99 ratio {p['value']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]")
+    holding = {placement: holding_limits(results, placement, limits) for placement in placements}
+    for placement, held in holding.items():  # the calibration an operator runs this bench for
+        print(f"  {placement}: limits whose means hold both targets here: "
+              f"{', '.join(map(str, held)) or 'none'}" + (f" (largest: {max(held)})" if held else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "unloaded_p99_ms": unloaded,
-                                    "rounds": rounds, "summary": results,
+                                    "rounds": rounds, "summary": results, "holding_limits": holding,
                                     "differences": differences, "load_avg_after": os.getloadavg()},
                                    indent=2))
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
