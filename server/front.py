@@ -33,7 +33,9 @@ METHODS = ("Predict", "Explain", "Probe", "ListModels", "GetModel")
 # calls in flight per method. A 1-image Predict is mostly per-call work that batching cannot share (the default
 # model's forward pass is ~1.5 ms per image at any batch size, beside ~1 ms of gRPC), so N admitted calls take
 # ~N x the unloaded latency. Paired rounds (bench/front_paired.py, bench/README.md): 4 gives 0.03-0.05 more of
-# the bare server's capacity under 4x overload than 3, at an admitted p99 ~0.8x unloaded higher (3-4.4x in all)
+# the bare server's capacity under 4x overload than 3, at an admitted p99 ~0.8x unloaded higher (3-4.4x in all).
+# Where calls are cheap beside the hop through nginx (1 image on a 3x faster machine) 4 keeps only 0.77 and 5 is
+# needed, while 5 breaks the p99 target for heavier calls: deployments calibrate with bench/front_paired.py
 DEFAULT_LIMITS = {"Predict": 4, "Explain": 4, "Probe": 8}
 RESOURCE_EXHAUSTED = 8  # google.rpc.Code
 
