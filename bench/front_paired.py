@@ -59,7 +59,7 @@ def start_front(stack: ExitStack, backend_port: int, limit: int, cpus: set[int],
 def holding_limits(results: dict[str, dict], placement: str, limits: list[int]) -> list[int]:
     """The limits at `placement` whose mean goodput / bare capacity and mean p99 ratio both meet the targets. The
     right limit depends on what a call costs beside the hop through nginx (bench/README.md, "The limit depends on
-    the call's cost"), so this is the line to read when choosing one for a deployment."""
+    what a call costs"), so this is the line to read when choosing one for a deployment."""
     return [limit for limit in limits
             if results[f"{placement} limit {limit}"]["goodput_over_capacity"]["value"] >= GOODPUT_TARGET
             and results[f"{placement} limit {limit}"]["p99_over_unloaded"]["value"] <= P99_TARGET]
